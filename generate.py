@@ -1,0 +1,614 @@
+"""Text generation: sampling, prefill, the decode loop, speculative decoding, and the command line."""
+
+import argparse
+import contextlib
+import itertools
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from model import ModelArgs, Transformer
+
+# ---------------------------------------------------------------- sampling
+
+
+def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
+    """Sample from probs [..., V] by the exponential-race trick: no host sync, unlike torch.multinomial."""
+    q = torch.empty_like(probs).exponential_(1)
+    return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
+
+
+def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+    """Next-token distribution [..., V]; temperature 0 gives the one-hot of the argmax (greedy)."""
+    logits = logits.float()
+    if temperature == 0:
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
+    logits = logits / temperature
+    if top_k is not None:
+        v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
+        logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head whose mass reaches top_p
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(logits: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
+    """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V])."""
+    probs = logits_to_probs(logits[:, -1], **sampling_kwargs)
+    return multinomial_sample_one_no_sync(probs), probs
+
+
+# ---------------------------------------------------------------- the generation loop
+
+
+def model_forward(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
+    return model(x, input_pos)
+
+
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
+    """Run the prompt x [B, T] through the model, filling the KV cache; return the first new token [B, 1]."""
+    return sample(model(x, input_pos), **sampling_kwargs)[0]
+
+
+def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
+    """One step: token x [B, 1] at input_pos [1] -> (next token [B, 1], its distribution [B, V])."""
+    return sample(model(x, input_pos), **sampling_kwargs)
+
+
+def decode_n_tokens(
+    model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, callback=None, stop_ids=None, decode=decode_one_token, **sampling_kwargs
+) -> tuple[list[Tensor], list[Tensor]]:
+    """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids."""
+    new_tokens, new_probs = [], []
+    done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
+    for _ in range(num_new_tokens):
+        next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
+        input_pos += 1
+        new_tokens.append(next_token.clone())  # CUDA-graph outputs are overwritten by the next replay
+        new_probs.append(next_prob.clone())
+        if callback is not None:
+            callback(new_tokens[-1])
+        cur_token = next_token.clone()
+        if stop_ids is not None:
+            done |= torch.isin(next_token[:, 0], stop_ids)
+            if bool(done.all()):  # a host sync per step: only when asked to stop at EOS
+                break
+    return new_tokens, new_probs
+
+
+def ngram_proposal(tokens: Tensor, k: int, max_ngram: int = 3) -> Tensor:
+    """Prompt lookup: the k tokens that followed the latest earlier match of the last n tokens (longest n first)."""
+    for n in range(min(max_ngram, tokens.numel() - 1), 0, -1):
+        windows = tokens[:-1].unfold(0, n, 1)  # [L-n, n]: every earlier n-gram
+        hits = (windows == tokens[-n:]).all(dim=1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return tokens[start : start + k]
+    return tokens[:0]
+
+
+def speculative_decode(
+    model,
+    draft_model,
+    cur_token: Tensor,
+    input_pos: int,
+    speculate_k: int,
+    proposal: Optional[Tensor] = None,
+    decode=decode_one_token,
+    verify=model_forward,
+    **sampling_kwargs,
+) -> Tensor:
+    """One speculative step at batch 1: propose, verify in one target forward, keep the accepted prefix.
+
+    The draft model proposes speculate_k tokens, or `proposal` (n-gram lookup) is a deterministic draft.
+    Acceptance is the standard rejection rule, so the output follows the target's distribution exactly.
+    Returns 1..k+1 new tokens.
+    """
+    device = cur_token.device
+    if proposal is None:
+        draft_tokens, draft_probs = decode_n_tokens(
+            draft_model, cur_token.view(1, -1), torch.tensor([input_pos], device=device), speculate_k, decode=decode, **sampling_kwargs
+        )
+        draft_tokens, draft_probs = torch.cat(draft_tokens).view(-1), torch.cat(draft_probs)  # [k], [k, V]
+    else:
+        draft_tokens = proposal.to(device)
+        draft_probs = None  # a deterministic proposal puts probability 1 on its token
+    k = draft_tokens.numel()
+    x = torch.cat([cur_token.view(1), draft_tokens]).view(1, -1)  # [1, k+1]
+    target_probs = logits_to_probs(verify(model, x, torch.arange(input_pos, input_pos + k + 1, device=device))[0], **sampling_kwargs)
+    q = target_probs[torch.arange(k, device=device), draft_tokens]  # [k]
+    p = torch.ones_like(q) if draft_probs is None else draft_probs[torch.arange(k, device=device), draft_tokens]
+    rejected = (torch.rand_like(q) >= torch.clamp(q / p, max=1.0)).nonzero()
+    if rejected.numel() == 0:
+        last = multinomial_sample_one_no_sync(target_probs[-1])
+        if draft_model is not None:  # the draft has not seen its own last token yet
+            verify(draft_model, draft_tokens[-1].view(1, -1), torch.tensor([input_pos + k], device=device))
+        return torch.cat([draft_tokens, last.view(1)])
+    n = int(rejected[0, 0])
+    draft_dist = draft_probs[n] if draft_probs is not None else torch.nn.functional.one_hot(draft_tokens[n].long(), target_probs.size(-1)).float()
+    residual = torch.clamp(target_probs[n] - draft_dist, min=0.0)  # resample from max(q - p, 0)
+    next_token = multinomial_sample_one_no_sync(residual / residual.sum())
+    return torch.cat([draft_tokens[:n], next_token.view(1)])
+
+
+@torch.no_grad()
+def generate(
+    model: Transformer,
+    prompt: Tensor,
+    max_new_tokens: int,
+    *,
+    batch_size: int = 1,
+    draft_model: Optional[Transformer] = None,
+    speculate: Optional[str] = None,
+    speculate_k: int = 8,
+    callback: Optional[Callable[[Tensor], None]] = None,
+    stop_ids: Optional[list[int]] = None,
+    prefill_fn=prefill,
+    decode_fn=decode_one_token,
+    verify_fn=model_forward,
+    **sampling_kwargs,
+) -> tuple[Tensor, dict]:
+    """Generate up to max_new_tokens after prompt [T]; returns (tokens [B, T + n], stats).
+
+    speculate: None, "draft" (needs draft_model) or "ngram". Generation stops early when every row has
+    produced a token of stop_ids; the rest of a row after its stop token is left as generated.
+    """
+    T = prompt.numel()
+    device = prompt.device
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if speculate is not None and batch_size != 1:
+        raise ValueError(f"speculative decoding runs at batch size 1, got batch_size={batch_size}")
+    if speculate == "draft" and draft_model is None:
+        raise ValueError("speculate='draft' needs a draft_model")
+    extra = speculate_k + 1 if speculate else 0  # verification writes up to k+1 positions past the end
+    max_seq_length = min(T + max_new_tokens + extra, model.config.block_size)
+    if T + max_new_tokens > model.config.block_size:
+        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {model.config.block_size}")
+    model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
+    if draft_model is not None:
+        draft_model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
+    stop = torch.tensor(stop_ids, device=device) if stop_ids else None
+
+    seq = torch.empty(batch_size, T + max_new_tokens, dtype=torch.int, device=device)
+    seq[:, :T] = prompt.view(1, -1)
+    x = seq[:, :T]
+    input_pos = torch.arange(0, T, device=device)
+    next_token = prefill_fn(model, x, input_pos, **sampling_kwargs).clone()
+    if draft_model is not None:
+        prefill_fn(draft_model, x, input_pos, **sampling_kwargs)
+    seq[:, T] = next_token.view(batch_size)
+    if callback is not None:
+        callback(next_token)
+    stats = {"prefill_end": _now(device)}
+    n = 1
+    if stop is not None and bool(torch.isin(next_token, stop).all()):
+        return seq[:, : T + 1], stats
+
+    if speculate is None:
+        tokens, _ = decode_n_tokens(
+            model, next_token.view(batch_size, -1), torch.tensor([T], device=device), max_new_tokens - 1, callback, stop, decode_fn, **sampling_kwargs
+        )
+        if tokens:
+            seq[:, T + 1 : T + 1 + len(tokens)] = torch.cat(tokens, dim=-1)
+        return seq[:, : T + 1 + len(tokens)], stats
+
+    accept_counts = [0] * (speculate_k + 1)
+    history = seq[0, : T + 1].cpu()  # the n-gram lookup searches prompt + output on the host
+    while n < max_new_tokens:
+        k = min(speculate_k, max_new_tokens - n - 1)
+        proposal = ngram_proposal(history, k) if speculate == "ngram" else None
+        if k == 0 or (proposal is not None and proposal.numel() == 0):
+            new, _ = decode_fn(model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device), **sampling_kwargs)
+            new = new.view(1).clone()
+            if draft_model is not None:  # keep the draft's cache in step
+                verify_fn(draft_model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device))
+        else:
+            new = speculative_decode(model, draft_model, seq[0, T + n - 1], T + n - 1, k, proposal, decode_fn, verify_fn, **sampling_kwargs)
+        accept_counts[len(new) - 1] += 1
+        hit = torch.isin(new, stop).nonzero() if stop is not None else new[:0]
+        if hit.numel():
+            new = new[: int(hit[0]) + 1]  # cut after the first stop token
+        seq[0, T + n : T + n + len(new)] = new
+        if callback is not None:
+            for t in new:
+                callback(t.view(1, 1))
+        history = torch.cat([history, new.cpu()])
+        n += len(new)
+        if hit.numel():
+            break
+    stats["accept_counts"] = accept_counts
+    return seq[:, : T + n], stats
+
+
+def _now(device: torch.device) -> float:
+    """Host time after the device has finished what was queued."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_checkpoint(checkpoint_path) -> dict:
+    """A state dict, read memory-mapped and without running code (weights_only)."""
+    try:
+        return torch.load(str(checkpoint_path), mmap=True, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many kinds for a bad zip, pickle or storage
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cannot read checkpoint {checkpoint_path} (corrupt, truncated or not a state dict?): {reason}") from None
+
+
+def check_state_dict(model: torch.nn.Module, state_dict: dict, config_name: str = "") -> None:
+    """One-line ValueError when the checkpoint's keys or shapes do not fit the model's config."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items() if k in state_dict and state_dict[k].shape != s]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{name}: {items[:3]}{' ...' if len(items) > 3 else ''}"
+            for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if items
+        ]
+        raise ValueError(f"checkpoint does not match the model config{config_name}: " + "; ".join(parts))
+
+
+def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool = False) -> Transformer:
+    """Build the model from a checkpoint's config, load (and, if quantized, swap in) its weights."""
+    import quantize
+
+    checkpoint_path = Path(checkpoint_path)
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    args = ModelArgs.from_checkpoint(checkpoint_path)
+    state_dict = load_checkpoint(checkpoint_path)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict")
+    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+    if args.tie_embeddings and "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    quantize.convert_for_checkpoint(model, state_dict)
+    check_state_dict(model, state_dict, f" ({checkpoint_path.parent / 'config'})")
+    model.load_state_dict(state_dict, assign=True)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return place(model, device, precision, use_tp)
+
+
+def place(model: Transformer, device, precision, use_tp: bool) -> Transformer:
+    """Shard (tensor parallel), move and cast; then let quantized layers pick their kernels for the device."""
+    import quantize
+
+    if use_tp:
+        import tp
+
+        tp.apply_tp(model)
+    model = model.to(device=device, dtype=precision)
+    quantize.prepare_for_device(model, torch.device(device))
+    return model.eval()
+
+
+def random_model(args: ModelArgs, device, precision=torch.bfloat16, seed: int = 0) -> Transformer:
+    """A model of the given shape with random weights (std 0.02): decode speed depends on bytes, not values."""
+    with torch.device("meta"):
+        model = Transformer(args).to(precision)
+    model = model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    if args.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads: every tensor once, but only one row of an untied embedding."""
+    seen, total = set(), 0
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if t.data_ptr() in seen or name.endswith(("k_cache", "v_cache", "freqs_cis", "causal_mask")):
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    emb = model.tok_embeddings.weight
+    if model.output.weight.data_ptr() != emb.data_ptr():
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_read_bandwidth(device, gib: float = 4.0, iters: int = 20) -> float:
+    """The card's read bandwidth in GB/s: median time of a full-tensor sum over `gib` GiB (reads only)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.randn(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)  # random data: zeros can run faster
+    times = []
+    for i in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum(dtype=torch.float32)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    nbytes = x.numel() * x.element_size()
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / sorted(times)[len(times) // 2] / 1e9
+
+
+# ---------------------------------------------------------------- command line
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a Llama-family or Mixtral model.")
+    p.add_argument(
+        "--checkpoint_path",
+        type=Path,
+        default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"),
+        help="model.pth (or model_int8.pth, model_int4.g32.pth)",
+    )
+    p.add_argument("--tokenizer_path", type=Path, default=None, help="tokenizer file; default: tokenizer.model beside the checkpoint")
+    p.add_argument("--prompt", type=str, default="Hello, my name is", help="prompt text, or an integer N for a synthetic prompt of N tokens")
+    p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, apply the chat template, stream the reply")
+    p.add_argument("--num_samples", type=int, default=5, help="how many times to generate")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument("--batch_size", type=int, default=1, help="sequences generated in parallel from the same prompt")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu")
+    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="weights/activations dtype; default bf16 on GPU, fp32 on CPU")
+    p.add_argument("--random_init", type=str, default=None, metavar="MODEL_NAME", help="no checkpoint: random weights of this named config (for benchmarks)")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="with --random_init: quantize the random weights in memory")
+    p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
+    p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
+    p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
+    p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
+    p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token")
+    p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
+    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
+    args = p.parse_args(argv)
+    if args.draft_checkpoint_path is not None and args.speculate is None:
+        args.speculate = "draft"
+    return args
+
+
+def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
+    if name is None:
+        name = "fp32" if device.type == "cpu" else "bf16"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def load_models(args, device, precision, use_tp):
+    """The target model (checkpoint or random) and the optional draft; CLI errors as one line."""
+    try:
+        if args.random_init:
+            import quantize
+
+            model = random_model(ModelArgs.from_name(args.random_init), device, precision, args.seed)
+            if args.quantize:
+                quantize.quantize_model(model, args.quantize, args.groupsize)
+            model = place(model, device, precision, use_tp)
+        else:
+            model = load_model(args.checkpoint_path, device, precision, use_tp)
+        draft = load_model(args.draft_checkpoint_path, device, precision, use_tp) if args.draft_checkpoint_path else None
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    if args.speculate == "draft" and draft is None:
+        raise SystemExit("error: --speculate draft needs --draft_checkpoint_path")
+    if draft is not None and draft.config.vocab_size != model.config.vocab_size:
+        raise SystemExit(f"error: draft vocab {draft.config.vocab_size} != target vocab {model.config.vocab_size}: use a draft of the same family")
+    return model, draft
+
+
+def load_tokenizer(args, vocab_size: int):
+    path = args.tokenizer_path or args.checkpoint_path.parent / "tokenizer.model"
+    if args.random_init and args.tokenizer_path is None and args.prompt.isdigit():
+        return None  # synthetic prompt, no text to encode
+    try:
+        from tokenizer import get_tokenizer
+
+        tok = get_tokenizer(path)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}: pass --tokenizer_path") from None
+    if tok.vocab_size > vocab_size:
+        raise SystemExit(f"error: tokenizer {path} has {tok.vocab_size} tokens but the model only {vocab_size}: wrong tokenizer?")
+    return tok
+
+
+def encode_prompt(args, tokenizer, vocab_size: int, device) -> Tensor:
+    if args.prompt.isdigit():  # synthetic prompt of that many tokens
+        g = torch.Generator().manual_seed(args.seed)
+        ids = torch.randint(3, min(vocab_size, 32000), (int(args.prompt),), generator=g)
+    elif tokenizer is None:
+        raise SystemExit("error: a text prompt needs a tokenizer: pass --tokenizer_path")
+    else:
+        ids = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.int)
+    return ids.to(device=device, dtype=torch.int)
+
+
+def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
+    """Refuse, before any work, what cannot fit the context or the memory."""
+    cfg = model.config
+    if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
+        raise SystemExit("error: --max_new_tokens, --batch_size and --num_samples must be at least 1")
+    if args.speculate and args.batch_size != 1:
+        raise SystemExit(f"error: speculative decoding runs at batch size 1, not {args.batch_size}: drop --batch_size")
+    if prompt_len + args.max_new_tokens > cfg.block_size:
+        raise SystemExit(
+            f"error: prompt ({prompt_len} tokens) + --max_new_tokens ({args.max_new_tokens}) = {prompt_len + args.max_new_tokens} "
+            f"exceeds the context length {cfg.block_size}: shorten the prompt or lower --max_new_tokens"
+        )
+    heads = model.layers[0].attention.n_local_heads  # per rank under tensor parallel
+    seq = prompt_len + args.max_new_tokens + args.speculate_k + 1
+    kv_bytes = 2 * cfg.n_layer * args.batch_size * heads * cfg.head_dim * seq * model.norm.weight.element_size()
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if kv_bytes > free:
+        raise SystemExit(
+            f"error: the KV cache for --batch_size {args.batch_size} needs {kv_bytes / 1e9:.1f} GB but {free / 1e9:.1f} GB is free: lower --batch_size"
+        )
+
+
+def compile_steps(args, fused_kernels_ok: bool):
+    """The step functions, compiled when asked: decode with CUDA graphs, prefill with dynamic shapes."""
+    steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
+    if not args.compile:
+        return steps
+    import torch._inductor.config as inductor_config
+
+    inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
+    inductor_config.triton.unique_kernel_names = True
+    inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
+    steps["decode_fn"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    if args.speculate:
+        steps["verify_fn"] = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
+    if args.compile_prefill:
+        steps["prefill_fn"] = torch.compile(prefill, fullgraph=fused_kernels_ok, dynamic=True)
+    return steps
+
+
+class Streamer:
+    """Prints tokens as they arrive; decodes the whole reply each time so word boundaries come out right."""
+
+    def __init__(self, tokenizer, stop_ids):
+        self.tokenizer, self.stop_ids, self.ids, self.printed = tokenizer, set(stop_ids or []), [], ""
+
+    def __call__(self, token: Tensor):
+        t = int(token.view(-1)[0])
+        if t in self.stop_ids:
+            return
+        self.ids.append(t)
+        text = self.tokenizer.decode(self.ids)
+        print(text[len(self.printed) :], end="", flush=True)
+        self.printed = text
+
+
+def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, profile: bool):
+    """Generate once; returns (tokens [B, T+n], timings)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    ctx = torch.profiler.profile() if profile else contextlib.nullcontext()
+    with ctx as prof:
+        sync()
+        t0 = time.perf_counter()
+        y, stats = generate(
+            model, prompt, args.max_new_tokens, batch_size=args.batch_size, draft_model=draft, speculate=args.speculate,
+            speculate_k=args.speculate_k, callback=callback, stop_ids=stop_ids, temperature=args.temperature,
+            top_k=args.top_k or None, top_p=args.top_p, **steps,
+        )  # fmt: skip
+        sync()
+        t1 = time.perf_counter()
+    if profile:
+        prof.export_chrome_trace(f"{args.profile}.json")
+    stats.update(total=t1 - t0, ttft=stats["prefill_end"] - t0, new_tokens=y.shape[1] - prompt.numel())
+    return y, stats
+
+
+def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
+    decode_s = stats["total"] - stats["ttft"]
+    tok_s = (stats["new_tokens"] - 1) / decode_s if stats["new_tokens"] > 1 else float("nan")
+    row = {"tok_s": tok_s, "gb_s": bytes_per_token * tok_s / 1e9, "ttft": stats["ttft"], "total": stats["total"]}
+    mem = torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else float("nan")
+    print(
+        f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, time to first token {row['ttft'] * 1e3:.1f} ms, "
+        f"decode {tok_s:.2f} tokens/s, {row['gb_s']:.0f} GB/s" + (f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else "")
+        + f", memory {mem:.2f} GB"
+    )  # fmt: skip
+    if "accept_counts" in stats:
+        counts = stats["accept_counts"]
+        mean = sum((n + 1) * c for n, c in enumerate(counts)) / max(sum(counts), 1)
+        print(f"  acceptance histogram (tokens per step 1..k+1): {counts}; mean {mean:.2f} tokens per target forward")
+    return row
+
+
+def interactive_loop(model, tokenizer, args, steps, draft, device):
+    stop_ids = tokenizer.stop_ids()
+    while True:
+        try:
+            message = input("\nWhat is your prompt? ")
+        except EOFError:
+            return
+        prompt = torch.tensor(tokenizer.encode_chat(message), dtype=torch.int, device=device)
+        if prompt.numel() + args.max_new_tokens > model.config.block_size:
+            print(f"(prompt of {prompt.numel()} tokens is too long for --max_new_tokens {args.max_new_tokens}; try a shorter one)")
+            continue
+        run_sample(model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False)
+        print()
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import tp
+
+    rank = tp.maybe_init_dist(args.device)
+    use_tp = rank is not None
+    if use_tp and rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    device = torch.device(f"cuda:{rank}" if use_tp and args.device == "cuda" else args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
+    precision = resolve_precision(args.precision, device)
+    torch.manual_seed(args.seed)
+
+    t0 = time.perf_counter()
+    model, draft = load_models(args, device, precision, use_tp)
+    print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
+    tokenizer = load_tokenizer(args, model.config.vocab_size)
+    prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
+    check_fits(args, model, prompt.numel(), device)
+    steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts)
+    if args.interactive:
+        return interactive_loop(model, tokenizer, args, steps, draft, device)
+
+    stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids()
+    bytes_per_token = weight_bytes_per_token(model)
+    bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
+    rows = []
+    for i in range(-1 if args.compile else 0, args.num_samples):  # sample -1 compiles and is not counted
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
+        if i < 0:
+            print(f"Compilation and warm-up: {stats['total']:.2f} s")
+            continue
+        if tokenizer is not None:
+            print(tokenizer.decode(y[0].tolist()))
+        rows.append(report(i, stats, bytes_per_token, device, bandwidth))
+    summarize(rows, bytes_per_token, bandwidth)
+
+
+def summarize(rows, bytes_per_token, bandwidth):
+    mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
+    print("==========")
+    print(f"Average decode tokens/s: {mean['tok_s']:.2f}")
+    print(f"Average time to first token: {mean['ttft'] * 1e3:.1f} ms")
+    print(f"Average bandwidth achieved: {mean['gb_s']:.0f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)")
+    if bandwidth:
+        print(f"Measured read bandwidth of this card: {bandwidth:.0f} GB/s; achieved {100 * mean['gb_s'] / bandwidth:.1f}%")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,454 @@
+"""Weight-only quantization: int8 per-channel, int4 groupwise (round-to-nearest or GPTQ), and the layers that run them.
+
+Formats (what `quantize.py` writes and `generate.py` recognises from the tensors themselves):
+  int8: `weight` int8 [N, K], `scales` [N]                      ->  w = weight * scales
+  int4: `weight` uint8 [N, K/2] (even k in the high nibble), `scales_and_zeros` [K/g, N, 2]
+                                                                ->  w = (q - 8) * scale + zero
+The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`, so it can be repacked for
+tinygemm on CUDA or for the CPU int4 kernel at load time. On CUDA, decode steps (at most 8 rows)
+run on the small Triton GEMV kernels below; larger inputs dequantize and use a normal matmul.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import ConditionalFeedForward, Transformer
+
+GROUPSIZES = (32, 64, 128, 256)
+GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric per-output-channel: w [N, K] -> (int8 [N, K], scales [N]), error <= scale / 2."""
+    scales = w.float().abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    q = torch.clamp(torch.round(w.float() / scales[..., None]), -127, 127).to(torch.int8)
+    return q, scales.to(w.dtype)
+
+
+def int4_group_params(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
+    """Asymmetric per-group scale and zero of w [N, K] -> ([N, K/g], [N, K/g]) such that w ~ (q - 8) * s + z."""
+    wg = w.float().reshape(w.shape[0], -1, groupsize)
+    lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
+    scales = (hi - lo).clamp(min=1e-6) / 15
+    return scales, lo + 8 * scales
+
+
+def int4_quantize_with(w: Tensor, scales: Tensor, zeros: Tensor, groupsize: int) -> Tensor:
+    """Integer codes 0..15 of w [N, K] for given group scales/zeros [N, K/g]."""
+    wg = w.float().reshape(w.shape[0], -1, groupsize)
+    q = torch.round((wg - zeros[..., None]) / scales[..., None]) + 8
+    return q.clamp(0, 15).reshape(w.shape).to(torch.int32)
+
+
+def pack_int4(q: Tensor, scales: Tensor, zeros: Tensor, dtype=torch.bfloat16) -> tuple[Tensor, Tensor]:
+    """Codes [N, K] and params [N, K/g] -> (uint8 [N, K/2], scales_and_zeros [K/g, N, 2])."""
+    packed = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
+    return packed, torch.stack([scales, zeros], dim=-1).transpose(0, 1).contiguous().to(dtype)
+
+
+def quantize_int4(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
+    """Round-to-nearest groupwise int4: w [N, K] -> (uint8 [N, K/2], scales_and_zeros [K/g, N, 2])."""
+    scales, zeros = int4_group_params(w, groupsize)
+    return pack_int4(int4_quantize_with(w, scales, zeros, groupsize), scales, zeros, w.dtype)
+
+
+def unpack_int4(packed: Tensor) -> Tensor:
+    """uint8 [N, K/2] -> codes [N, K] (int32, 0..15)."""
+    return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
+    """The plain-PyTorch reference: uint8 [N, K/2], [K/g, N, 2] -> weights [N, K]."""
+    q = unpack_int4(packed)
+    groupsize = q.shape[1] // scales_and_zeros.shape[0]
+    s = scales_and_zeros[..., 0].t().to(dtype).repeat_interleave(groupsize, dim=1)  # [N, K]
+    z = scales_and_zeros[..., 1].t().to(dtype).repeat_interleave(groupsize, dim=1)
+    return (q.to(dtype) - 8) * s + z
+
+
+# ---------------------------------------------------------------- Triton GEMV kernels (decode at batch <= 8)
+
+if triton is not None:
+
+    @triton.jit
+    def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs)."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)
+            x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    @triton.jit
+    def int4_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
+        """y[m, n] = sum over groups of scale * sum_k x_k (q_k - 8) + zero * sum_k x_k; GROUPS groups per step."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
+        offs_j = tl.arange(0, GROUP // 2)  # byte within a group
+        n_groups = K // GROUP
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for g0 in range(0, n_groups, GROUPS):
+            grp = g0 + tl.arange(0, GROUPS)  # [GB]
+            gmask = grp < n_groups
+            byte = grp[:, None] * (GROUP // 2) + offs_j[None, :]  # [GB, G/2]
+            wmask = (offs_n[:, None, None] < N) & gmask[None, :, None]
+            w = tl.load(w_ptr + offs_n[:, None, None] * (K // 2) + byte[None, :, :], mask=wmask, other=0)  # [BN, GB, G/2]
+            x_even = tl.load(x_ptr + m * K + 2 * byte, mask=gmask[:, None], other=0.0).to(tl.float32)  # [GB, G/2]
+            x_odd = tl.load(x_ptr + m * K + 2 * byte + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
+            hi = (w >> 4).to(tl.float32) - 8.0
+            lo = (w & 15).to(tl.float32) - 8.0
+            dot = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)  # [BN, GB]
+            sz = (grp[None, :] * N + offs_n[:, None]) * 2  # [BN, GB]
+            smask = (offs_n[:, None] < N) & gmask[None, :]
+            s = tl.load(sz_ptr + sz, mask=smask, other=0.0).to(tl.float32)
+            z = tl.load(sz_ptr + sz + 1, mask=smask, other=0.0).to(tl.float32)
+            acc += tl.sum(dot * s + z * tl.sum(x_even + x_odd, axis=1)[None, :], axis=1)
+        tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    _configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
+    int8_gemv_tuned = triton.autotune(_configs, key=["N", "K"])(int8_gemv_kernel)
+    _configs4 = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w) for n in (8, 16, 32) for g in (2, 4, 8) for w in (4, 8)]
+    int4_gemv_tuned = triton.autotune(_configs4, key=["N", "K", "GROUP"])(int4_gemv_kernel)
+
+
+def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
+    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; config fixes the tile (tests)."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = int8_gemv_kernel if config else int8_gemv_tuned
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, **config)
+    return y
+
+
+def int4_gemv(x: Tensor, w: Tensor, scales_and_zeros: Tensor, **config) -> Tensor:
+    """Triton int4 GEMV: x [M, K] against uint8 [N, K/2] codes and [K/g, N, 2] params -> [M, N]."""
+    M, K = x.shape
+    N = w.shape[0]
+    group = K // scales_and_zeros.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = int4_gemv_kernel if config else int4_gemv_tuned
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales_and_zeros, y, N, K, GROUP=group, **config)
+    return y
+
+
+# ---------------------------------------------------------------- quantized layers
+
+
+class WeightOnlyInt8Linear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
+        self.use_triton = False  # set by prepare_for_device
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if self.use_triton and rows <= GEMV_MAX_ROWS:
+            return int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
+        return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
+
+
+class WeightOnlyInt4Linear(nn.Module):
+    """kernel: "triton" (CUDA), "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm), "reference"."""
+
+    def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
+        super().__init__()
+        self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
+        self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
+        self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2, dtype=dtype))
+        self.kernel, self.packed = "reference", None
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        if self.kernel == "triton" and x.shape[0] <= GEMV_MAX_ROWS:
+            y = int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros)
+        elif self.kernel == "tinygemm":
+            y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
+        elif self.kernel == "cpu":
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
+        else:
+            y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, x.dtype))
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class ConditionalFeedForwardInt8(ConditionalFeedForward):
+    """Mixtral experts with int8 weights [E, out, in] and per-(expert, out-channel) scales."""
+
+    def __init__(self, num_experts: int, dim: int, intermediate_size: int, dtype=torch.bfloat16):
+        nn.Module.__init__(self)
+        E, I, D = num_experts, intermediate_size, dim
+        for name, shape in (("w1", (E, I, D)), ("w2", (E, D, I)), ("w3", (E, I, D))):
+            self.register_buffer(name, torch.empty(shape, dtype=torch.int8))
+            self.register_buffer("scales" + name[1], torch.ones(shape[:2], dtype=dtype))
+
+    def expert_weight(self, name: str, idx) -> Tensor:
+        scales = getattr(self, "scales" + name[1])
+        return getattr(self, name)[idx].to(scales.dtype) * scales[idx].unsqueeze(-1)
+
+
+# ---------------------------------------------------------------- whole-model transforms
+
+
+def linear_layers(model: nn.Module):
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def int4_fits(in_features: int, groupsize: int) -> bool:
+    """torch's int4 kernels need K divisible by the group size and by 32 (two 16-wide k-tiles)."""
+    return in_features % groupsize == 0 and in_features % 32 == 0
+
+
+@torch.no_grad()
+def quantize_model(model: Transformer, mode: str, groupsize: int = 32, device=None, gptq_inputs=None) -> Transformer:
+    """Quantize a loaded model's linear layers (and Mixtral experts) in place; returns the model."""
+    if mode not in ("int8", "int4", "int4-gptq"):
+        raise ValueError(f"unknown quantization mode {mode!r}: int8, int4 or int4-gptq")
+    if mode != "int8":
+        check_groupsize(model, groupsize)
+    if mode == "int4-gptq":
+        if gptq_inputs is None:
+            raise ValueError("int4-gptq needs calibration tokens (gptq_inputs)")
+        gptq_quantize_model(model, gptq_inputs, groupsize)
+    for name, lin in linear_layers(model):
+        w = lin.weight.data
+        if mode == "int8":
+            q = WeightOnlyInt8Linear(lin.in_features, lin.out_features, w.dtype).to(w.device)
+            q.weight, q.scales = quantize_int8(w)
+        elif not int4_fits(lin.in_features, groupsize):
+            print(f"note: {name} has {lin.in_features} input features, not a multiple of {max(groupsize, 32)}: kept in {w.dtype}")
+            continue
+        else:
+            q = int4_layer(lin, *quantize_int4(w, groupsize))
+        set_module(model, name, q)
+    if mode == "int8":
+        for name, m in list(model.named_modules()):
+            if type(m) is ConditionalFeedForward:
+                E, I, D = m.w1.shape
+                q = ConditionalFeedForwardInt8(E, D, I, m.w1.dtype).to(m.w1.device)
+                for wname in ("w1", "w2", "w3"):
+                    codes, scales = quantize_int8(getattr(m, wname).data.flatten(0, 1))
+                    setattr(q, wname, codes.view_as(getattr(m, wname)))
+                    setattr(q, "scales" + wname[1], scales.view(getattr(m, wname).shape[:2]))
+                set_module(model, name, q)
+    if device is not None:
+        prepare_for_device(model, torch.device(device))
+    return model
+
+
+def int4_layer(lin: nn.Linear, packed: Tensor, scales_and_zeros: Tensor) -> "WeightOnlyInt4Linear":
+    groupsize = lin.in_features // scales_and_zeros.shape[0]
+    q = WeightOnlyInt4Linear(lin.in_features, lin.out_features, groupsize, lin.weight.dtype).to(lin.weight.device)
+    q.weight, q.scales_and_zeros = packed, scales_and_zeros
+    return q
+
+
+def check_groupsize(model: nn.Module, groupsize: int) -> None:
+    if groupsize not in GROUPSIZES:
+        raise ValueError(f"groupsize {groupsize} is not one of {GROUPSIZES}")
+    if not any(int4_fits(lin.in_features, groupsize) for _, lin in linear_layers(model)):
+        widths = sorted({lin.in_features for _, lin in linear_layers(model)})
+        raise ValueError(f"groupsize {groupsize} divides none of the layer widths {widths}: use a smaller --groupsize")
+
+
+def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
+    """Swap in quantized layers wherever the state dict holds quantized tensors (detected by content)."""
+    for name, lin in linear_layers(model):
+        w = state_dict.get(name + ".weight")
+        if w is not None and w.dtype == torch.int8 and name + ".scales" in state_dict:
+            set_module(model, name, WeightOnlyInt8Linear(lin.in_features, lin.out_features, state_dict[name + ".scales"].dtype))
+        elif name + ".scales_and_zeros" in state_dict:
+            sz = state_dict[name + ".scales_and_zeros"]
+            if w is None or w.dtype != torch.uint8 or w.dim() != 2:
+                raise ValueError(
+                    f"{name}: int4 weights packed for one device by an older gpt-fast ({tuple(w.shape) if w is not None else None}, "
+                    f"{w.dtype if w is not None else None}): re-run quantize.py on model.pth"
+                )
+            set_module(model, name, WeightOnlyInt4Linear(lin.in_features, lin.out_features, lin.in_features // sz.shape[0], sz.dtype))
+    for name, m in list(model.named_modules()):
+        if type(m) is ConditionalFeedForward and state_dict.get(name + ".w1", torch.empty(0)).dtype == torch.int8:
+            E, I, D = m.w1.shape
+            set_module(model, name, ConditionalFeedForwardInt8(E, D, I, state_dict[name + ".scales1"].dtype))
+
+
+def prepare_for_device(model: nn.Module, device: torch.device, int4_kernel: str = "auto") -> None:
+    """Pick each quantized layer's kernel for where it runs; repack int4 codes when torch's kernels need it."""
+    cuda_triton = device.type == "cuda" and triton is not None and torch.version.hip is None
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt8Linear):
+            m.use_triton = cuda_triton
+        elif isinstance(m, WeightOnlyInt4Linear):
+            kernel = int4_kernel
+            if kernel == "auto":
+                kernel = "triton" if cuda_triton else ("tinygemm" if device.type == "cuda" else "cpu")
+            if kernel in ("tinygemm", "cpu") and not int4_fits(m.in_features, m.groupsize):
+                kernel = "reference"
+            m.kernel = kernel
+            if kernel == "tinygemm":
+                tiles = 8 if m.in_features % 128 == 0 else (4 if m.in_features % 64 == 0 else 2)
+                m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), tiles)
+            elif kernel == "cpu":
+                m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
+
+
+# ---------------------------------------------------------------- GPTQ
+
+
+class HessianHook:
+    """Accumulates H = 2 X^T X / n over the inputs X of the linear layers it is attached to."""
+
+    def __init__(self, layers: list):
+        self.H, self.n = {}, {}
+        self.handles = [lin.register_forward_hook(self.hook(name)) for name, lin in layers]
+
+    def hook(self, name):
+        def fn(_module, args, _out):
+            x = args[0].reshape(-1, args[0].shape[-1]).float()
+            n = self.n.get(name, 0)
+            H = self.H.get(name, torch.zeros(x.shape[1], x.shape[1], device=x.device))
+            self.H[name] = H * (n / (n + x.shape[0])) + (x.t() @ x) * (2.0 / (n + x.shape[0]))
+            self.n[name] = n + x.shape[0]
+
+        return fn
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+@torch.no_grad()
+def gptq_quantize_model(model: Transformer, inputs: Tensor, groupsize: int) -> None:
+    """GPTQ block by block: each block's layers are calibrated on the outputs of the already quantized blocks
+    before it, so memory holds one block's Hessians at a time. inputs: calibration tokens [B, S]."""
+    model.setup_caches(inputs.shape[0], inputs.shape[1])
+    input_pos = torch.arange(inputs.shape[1], device=inputs.device)
+    mask, freqs = model.causal_mask[None, None, input_pos], model.freqs_cis[input_pos]
+    x = model.tok_embeddings(inputs)  # [B, S, dim]
+    stages = [(f"layers.{i}", b, lambda b, x: b(x, input_pos, freqs, mask)) for i, b in enumerate(model.layers)]
+    stages.append(("", model, lambda m, x: m.output(m.norm(x))))
+    for prefix, module, run in stages:
+        layers = [(n, m) for n, m in linear_layers(module) if prefix or n == "output"]
+        layers = [(n, m) for n, m in layers if int4_fits(m.in_features, groupsize)]
+        hooks = HessianHook(layers)
+        run(module, x)
+        hooks.remove()
+        for name, lin in layers:
+            set_module(module, name, int4_layer(lin, *gptq_quantize(lin.weight.data, hooks.H[name], groupsize)))
+        if prefix:
+            x = run(module, x)
+
+
+@torch.no_grad()
+def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
+    """GPTQ (Frantar et al. 2022): quantize columns in order, pushing each one's error onto the columns not yet
+    quantized through the inverse Hessian; group parameters are set from the updated weights of each group."""
+    W = w.double().clone()  # [N, K]
+    N, K = W.shape
+    H = H.clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H += damp * torch.mean(torch.diag(H)) * torch.eye(K, dtype=H.dtype, device=H.device)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    blocksize = max(blocksize // groupsize, 1) * groupsize  # groups never straddle blocks
+    Q = torch.zeros_like(W, dtype=torch.int32)
+    scales, zeros = torch.zeros(N, K // groupsize, dtype=W.dtype, device=W.device), torch.zeros(N, K // groupsize, dtype=W.dtype, device=W.device)
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1, Hinv1, Err1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2], torch.zeros(N, i2 - i1, dtype=W.dtype, device=W.device)
+        for i in range(i2 - i1):
+            col = i1 + i
+            g = col // groupsize
+            if col % groupsize == 0:
+                s, z = int4_group_params(W1[:, i : i + groupsize], groupsize)
+                scales[:, g], zeros[:, g] = s[:, 0], z[:, 0]
+            q = torch.clamp(torch.round((W1[:, i] - zeros[:, g]) / scales[:, g]) + 8, 0, 15)
+            Q[:, col] = q.to(torch.int32)
+            err = (W1[:, i] - ((q - 8) * scales[:, g] + zeros[:, g])) / Hinv1[i, i]
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return pack_int4(Q, scales.float(), zeros.float(), w.dtype)
+
+
+def calibration_tokens(path: Path, tokenizer, n_samples: int, seq_len: int) -> Tensor:
+    """n_samples windows of seq_len tokens from a local text file -> [n, S]."""
+    ids = tokenizer.encode(path.read_text(encoding="utf-8", errors="replace"), bos=False)
+    if len(ids) < seq_len:
+        raise ValueError(f"{path} has {len(ids)} tokens, fewer than --calibration_seq_len {seq_len}")
+    step = max((len(ids) - seq_len) // max(n_samples - 1, 1), 1)
+    rows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, step)][:n_samples]
+    return torch.tensor(rows, dtype=torch.int)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
+    name = "model_int8.pth" if mode == "int8" else f"model_{mode}.g{groupsize}.pth"
+    return checkpoint_path.parent / name
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Quantize a model.pth to int8 or int4 weights.")
+    p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"), help="the bf16 model.pth to quantize")
+    p.add_argument("--mode", choices=["int8", "int4", "int4-gptq"], default="int8", help="int8 per-channel, int4 groupwise, or int4 with GPTQ")
+    p.add_argument("--groupsize", type=int, default=32, help=f"int4 group size, one of {GROUPSIZES}")
+    p.add_argument("--calibration_file", type=Path, default=None, help="int4-gptq: local text file to calibrate on")
+    p.add_argument("--calibration_samples", type=int, default=32, help="int4-gptq: number of calibration windows")
+    p.add_argument("--calibration_seq_len", type=int, default=512, help="int4-gptq: tokens per calibration window")
+    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="where to run the quantization")
+    args = p.parse_args(argv)
+    if args.mode == "int4-gptq" and (args.calibration_file is None or not args.calibration_file.is_file()):
+        raise SystemExit(f"error: int4-gptq needs --calibration_file pointing to a local text file (got {args.calibration_file})")
+    from generate import load_model
+    from tokenizer import get_tokenizer
+
+    t0 = time.time()
+    try:
+        model = load_model(args.checkpoint_path, args.device, torch.bfloat16 if args.device != "cpu" else torch.float32)
+        if any(isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear, ConditionalFeedForwardInt8)) for m in model.modules()):
+            raise ValueError(f"{args.checkpoint_path} is already quantized: start from the bf16 model.pth")
+        inputs = None
+        if args.mode == "int4-gptq":
+            tok = get_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+            inputs = calibration_tokens(args.calibration_file, tok, args.calibration_samples, args.calibration_seq_len).to(args.device)
+        quantize_model(model, args.mode, args.groupsize, gptq_inputs=inputs)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    out = output_path(args.checkpoint_path, args.mode, args.groupsize)
+    state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    torch.save({k: v.cpu() for k, v in state_dict.items()}, out)
+    print(f"Wrote {out} in {time.time() - t0:.1f} s ({out.stat().st_size / 1e9:.2f} GB)")
+
+
+if __name__ == "__main__":
+    main()

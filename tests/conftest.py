@@ -1,0 +1,54 @@
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from model import ModelArgs, Transformer  # noqa: E402
+
+TOKENIZER = ROOT.parent / "shared" / "tokenizer.model"
+
+
+@pytest.fixture(scope="session")
+def llama2_tokenizer_path() -> Path:
+    """The real Llama 2 SentencePiece model, kept beside the checkout (never copied into it)."""
+    if not TOKENIZER.is_file():
+        pytest.fail(f"test asset missing: {TOKENIZER}")
+    return TOKENIZER
+
+
+def tiny_args(**overrides) -> ModelArgs:
+    """A model small enough for CPU tests (vocab 32000 so the real tokenizer fits)."""
+    kw = dict(block_size=256, vocab_size=32000, n_layer=2, n_head=4, n_local_heads=2, dim=64, intermediate_size=96)
+    kw.update(overrides)
+    return ModelArgs(**kw)
+
+
+def random_transformer(args: ModelArgs, seed: int = 0, dtype=torch.float32) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+            else:
+                p.normal_(0.0, 0.05)  # larger than 0.02 so that layers visibly change the logits
+    return model.to(dtype).eval()
+
+
+def save_checkpoint(model: Transformer, folder: Path, name: str = "model.pth") -> Path:
+    """Write model.pth + model_config.json as convert_hf_checkpoint.py would."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / name)
+    (folder / "model_config.json").write_text(json.dumps(asdict(model.config)))
+    return folder / name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())

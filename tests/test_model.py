@@ -1,0 +1,139 @@
+import json
+
+import pytest
+import torch
+from conftest import random_transformer, rel_err, tiny_args
+from convert_hf_checkpoint import convert_state_dict
+
+from model import ModelArgs, Transformer
+
+HF_CONFIGS = {
+    "llama2": dict(model_type="llama", num_key_value_heads=4),
+    "gqa": dict(model_type="llama", num_key_value_heads=2),
+    "llama3.1-rope-scaling": dict(
+        model_type="llama",
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+    ),
+    "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=None),
+    "tied-embeddings": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=True),
+}
+
+
+def hf_model(kind: str, seed: int = 0):
+    """A tiny transformers model with random weights (the independent reference)."""
+    import transformers
+
+    extra = dict(HF_CONFIGS.get(kind, {}))
+    model_type = extra.pop("model_type", "mixtral")
+    cls_config, cls_model = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+    }[model_type]
+    cfg = cls_config(
+        vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=8,
+        max_position_embeddings=256, rms_norm_eps=1e-5, **extra,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = cls_model(cfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)  # the default all-ones norms would hide a mix-up of the two norms
+            elif "embed" not in name:
+                p.normal_(0.0, 0.05)
+    return model, json.loads(cfg.to_json_string())
+
+
+def ours_from_hf(model, cfg_dict) -> Transformer:
+    args = ModelArgs.from_hf_config(cfg_dict)
+    ours = Transformer(args)
+    ours.load_state_dict(convert_state_dict(model.state_dict().items(), args), strict=not args.tie_embeddings)
+    if args.tie_embeddings:
+        ours.output.weight = ours.tok_embeddings.weight
+    return ours.eval()
+
+
+def our_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    model.setup_caches(idx.shape[0], idx.shape[1])
+    with torch.no_grad():
+        return model(idx, torch.arange(idx.shape[1]))
+
+
+@pytest.mark.parametrize("kind", [*HF_CONFIGS, "mixtral"])
+def test_logits_match_transformers(kind):
+    hf, cfg = hf_model(kind)
+    ours = ours_from_hf(hf, cfg)
+    idx = torch.randint(0, 320, (2, 200), generator=torch.Generator().manual_seed(1))  # 200 > 64: past the llama3 rope threshold
+    with torch.no_grad():
+        ref = hf(idx).logits
+    assert rel_err(our_logits(ours, idx), ref) < 1e-4
+
+
+def test_rope_scaling_changes_logits():
+    """Guard for the test above: the Llama 3.1 scaling must matter at these lengths, or the test proves nothing."""
+    hf, cfg = hf_model("llama3.1-rope-scaling")
+    ours = ours_from_hf(hf, cfg)
+    idx = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(1))
+    scaled = our_logits(ours, idx)
+    ours.config.rope_scaling = None
+    ours.max_seq_length = -1  # rebuild the RoPE table without scaling
+    assert rel_err(our_logits(ours, idx), scaled) > 1e-3
+
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_experts=4, num_activated_experts=2)], ids=["llama", "moe"])
+def test_kv_cache_decode_equals_full_forward(overrides):
+    model = random_transformer(tiny_args(**overrides))
+    idx = torch.randint(0, 32000, (2, 40), generator=torch.Generator().manual_seed(0))  # batch 2
+    full = our_logits(model, idx)
+    model.setup_caches(2, 64)
+    with torch.no_grad():
+        steps = [model(idx[:, :24], torch.arange(24))]  # prefill, then one token at a time
+        steps += [model(idx[:, i : i + 1], torch.tensor([i])) for i in range(24, 40)]
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name, field, value",
+    [
+        ("meta-llama/Llama-2-7b-chat-hf", "n_layer", 32),
+        ("codellama/CodeLlama-7b-Instruct-hf", "rope_base", 1e6),
+        ("mistralai/Mistral-7B-Instruct-v0.2", "n_local_heads", 8),
+        ("meta-llama/Meta-Llama-3.1-8B-Instruct", "block_size", 131072),
+        ("meta-llama/Meta-Llama-3-70B", "vocab_size", 128256),
+        ("stories15M", "dim", 288),
+        ("Mixtral-8x7B-v0.1", "num_experts", 8),
+    ],
+)
+def test_named_configs(name, field, value):
+    assert getattr(ModelArgs.from_name(name), field) == value
+
+
+def test_unknown_model_name_is_a_clear_error():
+    with pytest.raises(ValueError, match="unknown model name 'gpt2'"):
+        ModelArgs.from_name("gpt2")
+
+
+def test_config_json_beside_checkpoint_wins_over_folder_name(tmp_path):
+    folder = tmp_path / "Llama-2-7b"  # the name says 7B; the config says otherwise
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        json.dumps(dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4))
+    )
+    args = ModelArgs.from_checkpoint(folder / "model.pth")
+    assert (args.n_layer, args.dim, args.vocab_size) == (3, 64, 100)
+    (folder / "model_config.json").write_text(json.dumps(dict(n_layer=5, dim=32, n_head=2, vocab_size=50)))
+    assert ModelArgs.from_checkpoint(folder / "model.pth").n_layer == 5  # ours wins over HF's
+
+
+def test_unsupported_hf_architecture_is_refused():
+    with pytest.raises(ValueError, match="unsupported model_type 'qwen2'"):
+        ModelArgs.from_hf_config(dict(model_type="qwen2"))
+
+
+def test_sequence_past_block_size_is_refused():
+    model = random_transformer(tiny_args(block_size=32))
+    with pytest.raises(ValueError, match="exceeds the model's block_size=32"):
+        model.setup_caches(1, 33)

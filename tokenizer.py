@@ -1,0 +1,108 @@
+"""SentencePiece (Llama 2, Mistral, CodeLlama) and tiktoken (Llama 3) behind one small interface.
+
+`get_tokenizer(path)` picks the kind from the file's contents, not its name.
+"""
+
+import base64
+from pathlib import Path
+
+# Llama 3's pre-tokenizer split pattern and special tokens (ids follow the 128000 BPE ranks)
+LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
+LLAMA3_SPECIAL = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]  # fmt: skip
+
+
+class SentencePieceTokenizer:
+    def __init__(self, model_path):
+        import sentencepiece
+
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_path))
+        self.vocab_size = self.sp.vocab_size()
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.sp.bos_id()] if bos else []) + self.sp.encode(text)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    def stop_ids(self) -> list[int]:
+        return [self.sp.eos_id()]
+
+    def encode_chat(self, message: str) -> list[int]:
+        """Llama 2 / Mistral instruction format: <s>[INST] message [/INST]."""
+        return self.encode(f"[INST] {message.strip()} [/INST]")
+
+
+class TiktokenTokenizer:
+    def __init__(self, model_path):
+        import tiktoken
+
+        ranks = load_tiktoken_ranks(model_path)
+        special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
+        self.enc = tiktoken.Encoding(Path(model_path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        self.special = special
+        self.vocab_size = len(ranks) + len(special)
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return ([self.bos_id()] if bos else []) + self.enc.encode(text, allowed_special="all")
+
+    def decode(self, ids: list[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def bos_id(self) -> int:
+        return self.special["<|begin_of_text|>"]
+
+    def stop_ids(self) -> list[int]:
+        return [self.special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+
+    def encode_chat(self, message: str) -> list[int]:
+        """Llama 3 chat format: one user turn, then the assistant header."""
+        text = f"<|start_header_id|>user<|end_header_id|>\n\n{message.strip()}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
+        return self.encode(text)
+
+
+def load_tiktoken_ranks(model_path) -> dict[bytes, int]:
+    """Parse a tiktoken BPE file: one 'base64-token rank' pair per line."""
+    ranks = {}
+    for n, line in enumerate(Path(model_path).read_bytes().splitlines(), 1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError:
+            raise ValueError(f"{model_path}: line {n} is not a tiktoken 'base64 rank' pair") from None
+    return ranks
+
+
+def is_tiktoken_file(model_path) -> bool:
+    """A tiktoken file is text whose first line is 'base64 rank'; SentencePiece is a binary protobuf."""
+    with open(model_path, "rb") as f:
+        first = f.readline(512).split()
+    if len(first) != 2 or not first[1].isdigit():
+        return False
+    try:
+        base64.b64decode(first[0], validate=True)
+        return True
+    except ValueError:
+        return False
+
+
+def get_tokenizer(model_path):
+    """Open a tokenizer file of either kind; ValueError if it is neither."""
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {model_path}")
+    if is_tiktoken_file(model_path):
+        return TiktokenTokenizer(model_path)
+    try:
+        return SentencePieceTokenizer(model_path)
+    except (RuntimeError, OSError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{model_path} is neither a SentencePiece nor a tiktoken model ({reason})") from None
