@@ -531,12 +531,12 @@ def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
     decode_s = stats["total"] - stats["ttft"]
     tok_s = (stats["new_tokens"] - 1) / decode_s if stats["new_tokens"] > 1 else float("nan")
     row = {"tok_s": tok_s, "gb_s": bytes_per_token * tok_s / 1e9, "ttft": stats["ttft"], "total": stats["total"]}
-    mem = torch.cuda.max_memory_reserved() / 1e9 if device.type == "cuda" else float("nan")
+    pct = f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else ""
+    mem = f", memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if device.type == "cuda" else ""
     print(
         f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, time to first token {row['ttft'] * 1e3:.1f} ms, "
-        f"decode {tok_s:.2f} tokens/s, {row['gb_s']:.0f} GB/s" + (f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else "")
-        + f", memory {mem:.2f} GB"
-    )  # fmt: skip
+        f"decode {tok_s:.2f} tokens/s, {row['gb_s']:.1f} GB/s{pct}{mem}"
+    )
     if "accept_counts" in stats:
         counts = stats["accept_counts"]
         mean = sum((n + 1) * c for n, c in enumerate(counts)) / max(sum(counts), 1)

@@ -1,0 +1,220 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, random_transformer, save_checkpoint, tiny_args
+
+import generate
+from generate import generate as gen
+from generate import logits_to_probs, ngram_proposal, speculative_decode
+
+
+def greedy_by_full_forward(model, prompt, n):
+    """Reference greedy decoding with no KV cache reuse: a fresh full forward per token."""
+    seq = prompt.tolist()
+    for _ in range(n):
+        model.max_seq_length = -1  # fresh caches each time
+        model.setup_caches(1, len(seq))
+        with torch.no_grad():
+            seq.append(int(model(torch.tensor([seq]), torch.arange(len(seq)))[0, -1].argmax()))
+    return seq
+
+
+@pytest.fixture(scope="module")
+def target():
+    return random_transformer(tiny_args(), seed=0)
+
+
+@pytest.fixture(scope="module")
+def draft():
+    return random_transformer(tiny_args(n_layer=1), seed=1)  # a different model: many rejections
+
+
+def prompt_ids(n=12, seed=0):
+    return torch.randint(3, 32000, (n,), generator=torch.Generator().manual_seed(seed)).int()
+
+
+# ---------------------------------------------------------------- sampling
+
+
+def test_temperature_zero_is_one_hot_argmax():
+    logits = torch.randn(3, 50)
+    probs = logits_to_probs(logits, temperature=0)
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.sum(-1), torch.ones(3))
+
+
+def test_top_k_and_top_p_restrict_the_support():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]]))
+    assert (logits_to_probs(logits, 1.0, top_k=2) > 0).sum() == 2
+    p = logits_to_probs(logits, 1.0, top_p=0.85)  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1
+    assert (p > 0).sum() == 3 and torch.allclose(p[0, :3], torch.tensor([0.5, 0.3, 0.1]) / 0.9)
+
+
+# ---------------------------------------------------------------- the generation loop
+
+
+def test_greedy_generation_equals_full_forward_decoding(target):
+    prompt = prompt_ids()
+    y, _ = gen(target, prompt, 16, temperature=0)
+    assert y[0].tolist() == greedy_by_full_forward(target, prompt, 16)
+
+
+def test_batched_generation_gives_the_same_rows(target):
+    y, _ = gen(target, prompt_ids(), 10, batch_size=3, temperature=0)
+    assert y.shape == (3, 22) and (y == y[:1]).all()
+
+
+def test_generation_stops_at_a_stop_token(target):
+    prompt = prompt_ids()
+    full, _ = gen(target, prompt, 16, temperature=0)
+    stop = int(full[0, prompt.numel() + 4])
+    y, _ = gen(target, prompt, 16, temperature=0, stop_ids=[stop])
+    assert y[0].tolist() == full[0, : prompt.numel() + 5].tolist()
+
+
+# ---------------------------------------------------------------- speculative decoding
+
+
+def test_greedy_speculative_with_draft_equals_plain_greedy(target, draft):
+    prompt = prompt_ids()
+    plain, _ = gen(target, prompt, 30, temperature=0)
+    spec, stats = gen(target, prompt, 30, draft_model=draft, speculate="draft", speculate_k=4, temperature=0)
+    assert spec.tolist() == plain.tolist()
+    assert stats["accept_counts"][0] > 0, "the draft should be rejected sometimes, or this test checks nothing"
+
+
+def test_greedy_speculative_with_itself_accepts_everything(target):
+    prompt = prompt_ids()
+    spec, stats = gen(target, prompt, 21, draft_model=target, speculate="draft", speculate_k=4, temperature=0)
+    assert spec.tolist() == gen(target, prompt, 21, temperature=0)[0].tolist()
+    assert stats["accept_counts"] == [0, 0, 0, 0, 4]  # 1 + 4 steps of 5 tokens
+
+
+def test_greedy_ngram_speculation_equals_plain_greedy(target):
+    prompt = torch.cat([prompt_ids(6)] * 3)  # repetitive text gives the lookup something to find
+    plain, _ = gen(target, prompt, 30, temperature=0)
+    spec, stats = gen(target, prompt, 30, speculate="ngram", speculate_k=4, temperature=0)
+    assert spec.tolist() == plain.tolist()
+    assert sum(stats["accept_counts"]) < 29, "steps should accept more than one token on average"
+
+
+def test_ngram_proposal_finds_the_latest_longest_match():
+    t = torch.tensor([5, 1, 2, 9, 9, 1, 2, 7, 8, 3, 1, 2])
+    assert ngram_proposal(t, 2).tolist() == [7, 8]  # latest earlier "1 2" is followed by 7 8
+    assert ngram_proposal(torch.tensor([1, 2, 3]), 2).tolist() == []
+
+
+def test_kv_caches_stay_consistent_after_rejections(target, draft):
+    """After speculative steps with rejections, the target's cache equals a fresh prefill of the output."""
+    prompt = prompt_ids()
+    y, stats = gen(target, prompt, 20, draft_model=draft, speculate="draft", speculate_k=4, temperature=0)
+    assert stats["accept_counts"][0] > 0
+    n = y.shape[1] - 1  # the last token was sampled but not yet fed
+    spec_cache = [b.attention.kv_cache.k_cache[0, :, :n].clone() for b in target.layers]
+    target.max_seq_length = -1
+    target.setup_caches(1, n)
+    with torch.no_grad():
+        target(y[:, :n], torch.arange(n))
+    for layer, cache in zip(target.layers, spec_cache):
+        assert torch.allclose(layer.attention.kv_cache.k_cache[0, :, :n], cache, atol=1e-5)
+
+
+def test_speculative_sampling_follows_the_target_distribution():
+    """Rejection sampling keeps the target's distribution: draw the first speculated token many times."""
+    vocab = 8
+    tgt = random_transformer(tiny_args(vocab_size=vocab), seed=3)
+    drf = random_transformer(tiny_args(vocab_size=vocab, n_layer=1), seed=4)
+    for m in (tgt, drf):
+        with torch.no_grad():
+            m.output.weight.mul_(20)  # peaked, different distributions: a real test of the correction
+    prompt = torch.tensor([1, 5, 2, 7, 3], dtype=torch.int)
+    for m in (tgt, drf):
+        m.setup_caches(1, 16)
+        with torch.no_grad():
+            m(prompt.view(1, -1), torch.arange(5))
+    cur, pos = torch.tensor(4, dtype=torch.int), 5
+    with torch.no_grad():
+        want = logits_to_probs(tgt(cur.view(1, 1), torch.tensor([pos]))[0, -1], temperature=1.0)
+        got_draft = logits_to_probs(drf(cur.view(1, 1), torch.tensor([pos]))[0, -1], temperature=1.0)
+    assert 0.5 * (want - got_draft).abs().sum() > 0.3, "draft and target must differ for the test to mean anything"
+    torch.manual_seed(0)
+    n = 3000
+    counts = torch.zeros(vocab)
+    with torch.no_grad():
+        for _ in range(n):
+            counts[int(speculative_decode(tgt, drf, cur, pos, 3, temperature=1.0)[0])] += 1
+    tv = 0.5 * (counts / n - want).abs().sum()
+    assert tv < 0.04, f"total variation {tv:.3f}; sampling error at n=3000 over 8 tokens is about 0.02"
+
+
+# ---------------------------------------------------------------- the command line
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_checkpoint(random_transformer(tiny_args(block_size=64)), tmp_path_factory.mktemp("tiny"))
+
+
+def run_cli(capsys, *argv):
+    generate.main([str(a) for a in argv])
+    return capsys.readouterr().out
+
+
+def test_cli_greedy_is_deterministic_and_matches_the_library(capsys, checkpoint, llama2_tokenizer_path, target):
+    argv = ["--checkpoint_path", checkpoint, "--tokenizer_path", llama2_tokenizer_path, "--prompt", "Once upon a time"]
+    argv += ["--temperature", "0", "--max_new_tokens", "12", "--num_samples", "2", "--ignore_eos"]
+    out1, out2 = run_cli(capsys, *argv, "--seed", "1"), run_cli(capsys, *argv, "--seed", "2")
+    texts = [line for line in out1.splitlines() if line.startswith("Once upon a time")]
+    assert len(texts) == 2 and texts[0] == texts[1] and len(texts[0]) > len("Once upon a time")
+    assert texts == [line for line in out2.splitlines() if line.startswith("Once upon a time")]
+    model = generate.load_model(checkpoint, "cpu", torch.float32)
+    from tokenizer import get_tokenizer
+
+    tok = get_tokenizer(llama2_tokenizer_path)
+    y, _ = gen(model, torch.tensor(tok.encode("Once upon a time"), dtype=torch.int), 12, temperature=0)
+    assert texts[0] == tok.decode(y[0].tolist())
+    assert "decode" in out1 and "tokens/s" in out1
+
+
+def cli_error(capsys, *argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        generate.main([str(a) for a in argv])
+    msg = str(e.value.code)
+    assert "\n" not in msg and msg.startswith("error: ")
+    return msg
+
+
+def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_path):
+    tok = ["--tokenizer_path", llama2_tokenizer_path]
+    assert "checkpoint not found" in cli_error(capsys, "--checkpoint_path", tmp_path / "nope.pth", *tok)
+    assert "tokenizer file not found" in cli_error(capsys, "--checkpoint_path", checkpoint, "--tokenizer_path", tmp_path / "nope.model")
+    assert "unknown model name 'Llama-9'" in cli_error(capsys, "--random_init", "Llama-9", "--prompt", "5")
+    msg = cli_error(capsys, "--checkpoint_path", checkpoint, *tok, "--prompt", "60", "--max_new_tokens", "10")
+    assert "exceeds the context length 64" in msg
+    assert "lower --batch_size" in cli_error(capsys, "--checkpoint_path", checkpoint, *tok, "--max_new_tokens", "10", "--batch_size", str(10**9))
+    truncated = tmp_path / "model.pth"
+    truncated.write_bytes(checkpoint.read_bytes()[:2000])
+    (tmp_path / "model_config.json").write_bytes((checkpoint.parent / "model_config.json").read_bytes())
+    assert "corrupt, truncated" in cli_error(capsys, "--checkpoint_path", truncated, *tok)
+
+
+class Boom:
+    def __reduce__(self):
+        return (print, ("code ran while loading",))
+
+
+def test_checkpoint_cannot_run_code(capsys, checkpoint, llama2_tokenizer_path, tmp_path):
+    evil = tmp_path / "model.pth"
+    torch.save({"x": Boom()}, evil)
+    (tmp_path / "model_config.json").write_bytes((checkpoint.parent / "model_config.json").read_bytes())
+    msg = cli_error(capsys, "--checkpoint_path", evil, "--tokenizer_path", llama2_tokenizer_path)
+    assert "cannot read checkpoint" in msg and "code ran" not in capsys.readouterr().out
+
+
+def test_cli_error_has_no_traceback(checkpoint, llama2_tokenizer_path):
+    p = subprocess.run(
+        [sys.executable, "generate.py", "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path), "--prompt", "70"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
