@@ -309,7 +309,7 @@ def prepare_for_device(model: nn.Module, device: torch.device, int4_kernel: str 
             kernel = int4_kernel
             if kernel == "auto":
                 kernel = "triton" if cuda_triton else ("tinygemm" if device.type == "cuda" else "cpu")
-            if kernel in ("tinygemm", "cpu") and not int4_fits(m.in_features, m.groupsize):
+            if kernel in ("tinygemm", "cpu") and (not int4_fits(m.in_features, m.groupsize) or m.out_features % 16):  # torch's packing needs N % 16
                 kernel = "reference"
             m.kernel = kernel
             if kernel == "tinygemm":
@@ -370,9 +370,9 @@ def gptq_quantize_model(model: Transformer, inputs: Tensor, groupsize: int) -> N
 def gptq_quantize(w: Tensor, H: Tensor, groupsize: int, blocksize: int = 128, damp: float = 0.01) -> tuple[Tensor, Tensor]:
     """GPTQ (Frantar et al. 2022): quantize columns in order, pushing each one's error onto the columns not yet
     quantized through the inverse Hessian; group parameters are set from the updated weights of each group."""
-    W = w.double().clone()  # [N, K]
+    W = w.float().clone()  # [N, K]
     N, K = W.shape
-    H = H.clone()
+    H = H.float().clone()
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0

@@ -1,0 +1,184 @@
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, random_transformer, rel_err, save_checkpoint, tiny_args
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quantize as q
+from generate import load_model
+
+shapes = st.tuples(st.integers(1, 24), st.sampled_from([32, 64, 128, 256]), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes)
+def test_int8_round_trip_within_half_a_step(case):
+    n, k, scale, seed = case
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale
+    codes, scales = q.quantize_int8(w)
+    err = (codes.float() * scales[:, None] - w).abs()
+    assert (err <= scales[:, None] / 2 * (1 + 1e-5)).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(shapes, st.sampled_from([32, 64, 128]))
+def test_int4_round_trip_within_half_a_step(case, groupsize):
+    n, k, scale, seed = case
+    k = max(k, groupsize)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * scale
+    packed, sz = q.quantize_int4(w, groupsize)
+    step = sz[..., 0].t().repeat_interleave(groupsize, dim=1)  # [N, K]
+    err = (q.dequantize_int4(packed, sz, torch.float32) - w).abs()
+    assert (err <= step / 2 * (1 + 1e-4) + 1e-6 * scale).all()
+
+
+def test_int4_pack_unpack_is_exact():
+    codes = torch.randint(0, 16, (7, 64), dtype=torch.int32)
+    packed, _ = q.pack_int4(codes, torch.ones(7, 2), torch.zeros(7, 2))
+    assert packed.dtype == torch.uint8 and packed.shape == (7, 32)
+    assert torch.equal(q.unpack_int4(packed), codes)
+
+
+def test_cpu_int4_kernel_matches_the_reference():
+    w, x = torch.randn(48, 256), torch.randn(5, 256)
+    layer = q.int4_layer(torch.nn.Linear(256, 48, bias=False), *q.quantize_int4(w, 64))
+    ref = layer(x)  # "reference" kernel: plain PyTorch dequantize + matmul
+    q.prepare_for_device(layer, torch.device("cpu"))
+    assert layer.kernel == "cpu"
+    assert rel_err(layer(x), ref) < 1e-5
+
+
+TRITON_CHECK = """
+import torch, quantize as q
+torch.manual_seed(0)
+for M, N, K, g in [(1, 37, 320, 32), (3, 24, 512, 64), (8, 16, 256, 128)]:  # ragged N and group counts
+    w, x = torch.randn(N, K), torch.randn(M, K)
+    c, s = q.quantize_int8(w)
+    ref8 = torch.nn.functional.linear(x, c.float()) * s
+    p, sz = q.quantize_int4(w, g)
+    ref4 = torch.nn.functional.linear(x, q.dequantize_int4(p, sz, torch.float32))
+    for y, ref in ((q.int8_gemv(x, c, s, BLOCK_N=8, BLOCK_K=128), ref8), (q.int4_gemv(x, p, sz, BLOCK_N=8, GROUPS=4), ref4)):
+        assert float((y - ref).norm() / ref.norm()) < 1e-5, (M, N, K, g)
+print("ok")
+"""
+
+
+def test_triton_gemv_kernels_match_the_plain_pytorch_fallback():
+    """The CUDA fast path, run by Triton's interpreter on the CPU, against the reference."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    p = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def model_pair():
+    args = tiny_args(dim=256, n_head=4, intermediate_size=512, n_layer=2, vocab_size=1000)
+    return args, random_transformer(args, seed=0)
+
+
+def logits(model, idx):
+    model.setup_caches(idx.shape[0], idx.shape[1])
+    with torch.no_grad():
+        return model(idx, torch.arange(idx.shape[1]))
+
+
+@pytest.mark.parametrize("mode, groupsize, bound", [("int8", 32, 0.012), ("int4", 32, 0.10), ("int4", 128, 0.13)])
+def test_quantized_linear_error_matches_its_step_size(mode, groupsize, bound):
+    """Rounding noise is uniform in +-step/2, std step/sqrt(12). For Gaussian weights the int8 step is
+    ~3.5 sigma / 127 (row max over 256) -> 0.8% of the output; the int4 step is ~4 sigma / 15 (group range)
+    -> 7.7% for g32, ~9.5% for g128. The bounds allow ~30% over these."""
+    w, x = torch.randn(512, 256), torch.randn(64, 256)
+    lin = torch.nn.Linear(256, 512, bias=False)
+    lin.weight.data = w
+    qlin = q.quantize_model(torch.nn.Sequential(lin), mode, groupsize)[0]
+    err = rel_err(qlin(x), x @ w.t())
+    assert bound / 4 < err < bound
+
+
+@pytest.mark.parametrize("mode, groupsize, bound", [("int8", 32, 0.05), ("int4", 32, 0.4), ("int4", 128, 0.5)])
+def test_quantized_model_logits_stay_close(model_pair, mode, groupsize, bound):
+    """About 3x the per-layer noise above: 2 blocks of 5 quantized matmuls, plus the output layer."""
+    args, model = model_pair
+    idx = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, idx)
+    qlogits = logits(q.quantize_model(random_transformer(args, seed=0), mode, groupsize, "cpu"), idx)
+    assert 1e-3 < rel_err(qlogits, ref) < bound
+    if mode == "int8":
+        assert (qlogits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_quantized_checkpoints_load_by_content_and_match(model_pair, tmp_path):
+    args, model = model_pair
+    path = save_checkpoint(model, tmp_path)
+    idx = torch.randint(0, 1000, (1, 16), generator=torch.Generator().manual_seed(1))
+    for mode in ("int8", "int4"):
+        q.main(["--checkpoint_path", str(path), "--mode", mode, "--groupsize", "64", "--device", "cpu"])
+        out = q.output_path(path, mode, 64)
+        assert out.name == ("model_int8.pth" if mode == "int8" else "model_int4.g64.pth")
+        renamed = out.rename(tmp_path / f"renamed_{mode}.pth")  # recognised from the tensors, not the name
+        loaded = load_model(renamed, "cpu", torch.float32)
+        kinds = {type(m).__name__ for m in loaded.modules()}
+        assert ("WeightOnlyInt8Linear" if mode == "int8" else "WeightOnlyInt4Linear") in kinds
+        ref = q.quantize_model(random_transformer(args, seed=0), mode, 64, "cpu")
+        assert rel_err(logits(loaded, idx), logits(ref, idx)) < 1e-2  # bf16 scales on disk
+
+
+def test_mixtral_int8_experts(tmp_path):
+    args = tiny_args(num_experts=4, num_activated_experts=2, vocab_size=500)
+    model = random_transformer(args, seed=2)
+    idx = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
+    ref = logits(model, idx)
+    qm = q.quantize_model(random_transformer(args, seed=2), "int8", device="cpu")
+    assert isinstance(qm.layers[0].block_sparse_moe.cond_ffn, q.ConditionalFeedForwardInt8)
+    assert 1e-4 < rel_err(logits(qm, idx), ref) < 0.02
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    torch.manual_seed(0)
+    K, N = 256, 64
+    mix = torch.randn(K, K) / K**0.5 + torch.eye(K)  # correlated features, as in real activations
+    X = torch.randn(2048, K) @ mix
+    W = torch.randn(N, K)
+    H = 2 * X.t() @ X / X.shape[0]
+    err = {}
+    for name, (packed, sz) in {"rtn": q.quantize_int4(W, 32), "gptq": q.gptq_quantize(W, H, 32)}.items():
+        err[name] = rel_err(X @ q.dequantize_int4(packed, sz, torch.float32).t(), X @ W.t())
+    assert err["gptq"] < 0.8 * err["rtn"], err
+
+
+def test_gptq_quantizes_a_whole_model(model_pair):
+    args, model = model_pair
+    calib = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(3))
+    idx = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
+    qm = q.quantize_model(random_transformer(args, seed=0), "int4-gptq", 32, "cpu", gptq_inputs=calib)
+    assert all(not isinstance(m, torch.nn.Linear) for m in qm.modules())
+    assert 1e-3 < rel_err(logits(qm, idx), logits(model, idx)) < 0.4
+
+
+def test_group_size_errors_and_notes(capsys):
+    model = random_transformer(tiny_args(dim=96, n_head=4, intermediate_size=176), seed=0)
+    with pytest.raises(ValueError, match="groupsize 48 is not one of"):
+        q.quantize_model(model, "int4", 48)
+    with pytest.raises(ValueError, match="groupsize 256 divides none of the layer widths"):
+        q.quantize_model(model, "int4", 256)
+    q.quantize_model(model, "int4", 32)  # 96 fits, 176 (w2 input) does not
+    assert "feed_forward.w2 has 176 input features" in capsys.readouterr().out
+    assert isinstance(model.layers[0].feed_forward.w2, torch.nn.Linear)
+    assert isinstance(model.layers[0].feed_forward.w1, q.WeightOnlyInt4Linear)
+
+
+def test_old_device_packed_int4_checkpoint_is_a_clear_error(model_pair, tmp_path):
+    args, model = model_pair
+    sd = model.state_dict()
+    w = sd.pop("layers.0.attention.wo.weight")
+    sd["layers.0.attention.wo.weight"] = torch.zeros(w.shape[0] // 8, w.shape[1] // 256, 32, 4, dtype=torch.int32)
+    sd["layers.0.attention.wo.scales_and_zeros"] = torch.zeros(w.shape[1] // 32, w.shape[0], 2)
+    save_checkpoint(model, tmp_path)
+    torch.save(sd, tmp_path / "model.pth")
+    with pytest.raises(ValueError, match="re-run quantize.py on model.pth"):
+        load_model(tmp_path / "model.pth", "cpu", torch.float32)
