@@ -266,7 +266,7 @@ def check_state_dict(model: torch.nn.Module, state_dict: dict, config_name: str 
         raise ValueError(f"checkpoint does not match the model config{config_name}: " + "; ".join(parts))
 
 
-def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool = False) -> Transformer:
+def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool = False, kernels: str = "auto") -> Transformer:
     """Build the model from a checkpoint's config, load (and, if quantized, swap in) its weights."""
     import quantize
 
@@ -287,10 +287,10 @@ def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool =
     model.load_state_dict(state_dict, assign=True)
     if args.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
-    return place(model, device, precision, use_tp)
+    return place(model, device, precision, use_tp, kernels)
 
 
-def place(model: Transformer, device, precision, use_tp: bool) -> Transformer:
+def place(model: Transformer, device, precision, use_tp: bool, kernels: str = "auto") -> Transformer:
     """Shard (tensor parallel), move and cast; then let quantized layers pick their kernels for the device."""
     import quantize
 
@@ -299,7 +299,7 @@ def place(model: Transformer, device, precision, use_tp: bool) -> Transformer:
 
         tp.apply_tp(model)
     model = model.to(device=device, dtype=precision)
-    quantize.prepare_for_device(model, torch.device(device))
+    quantize.prepare_for_device(model, torch.device(device), kernels)
     return model.eval()
 
 
@@ -382,14 +382,16 @@ def parse_args(argv=None):
     p.add_argument("--random_init", type=str, default=None, metavar="MODEL_NAME", help="no checkpoint: random weights of this named config (for benchmarks)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="with --random_init: quantize the random weights in memory")
     p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
+    p.add_argument("--kernels", choices=["auto", "torch"], default="auto", help="quantized matmuls: auto (Triton GEMV on CUDA) or torch's own ops")
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
+    p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")
     p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
     p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token")
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
     args = p.parse_args(argv)
-    if args.draft_checkpoint_path is not None and args.speculate is None:
+    if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
     return args
 
@@ -406,13 +408,18 @@ def load_models(args, device, precision, use_tp):
         if args.random_init:
             import quantize
 
-            model = random_model(ModelArgs.from_name(args.random_init), device, precision, args.seed)
+            config = ModelArgs.from_name(args.random_init)
+            model = random_model(config, device, precision, args.seed)
             if args.quantize:
                 quantize.quantize_model(model, args.quantize, args.groupsize)
-            model = place(model, device, precision, use_tp)
+            model = place(model, device, precision, use_tp, args.kernels)
+            draft = None
+            if args.draft_quantize:  # same random weights, quantized: a draft that mostly agrees
+                draft = quantize.quantize_model(random_model(config, device, precision, args.seed), args.draft_quantize, args.groupsize)
+                draft = place(draft, device, precision, use_tp, args.kernels)
         else:
-            model = load_model(args.checkpoint_path, device, precision, use_tp)
-        draft = load_model(args.draft_checkpoint_path, device, precision, use_tp) if args.draft_checkpoint_path else None
+            model = load_model(args.checkpoint_path, device, precision, use_tp, args.kernels)
+            draft = load_model(args.draft_checkpoint_path, device, precision, use_tp, args.kernels) if args.draft_checkpoint_path else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.speculate == "draft" and draft is None:

@@ -299,16 +299,15 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
             set_module(model, name, ConditionalFeedForwardInt8(E, D, I, state_dict[name + ".scales1"].dtype))
 
 
-def prepare_for_device(model: nn.Module, device: torch.device, int4_kernel: str = "auto") -> None:
-    """Pick each quantized layer's kernel for where it runs; repack int4 codes when torch's kernels need it."""
-    cuda_triton = device.type == "cuda" and triton is not None and torch.version.hip is None
+def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto") -> None:
+    """Pick each quantized layer's kernel for where it runs; repack int4 codes when torch's kernels need it.
+    kernels="torch" skips the Triton GEMVs (int8 through inductor's fusion, int4 through tinygemm)."""
+    cuda_triton = kernels == "auto" and device.type == "cuda" and triton is not None and torch.version.hip is None
     for m in model.modules():
         if isinstance(m, WeightOnlyInt8Linear):
             m.use_triton = cuda_triton
         elif isinstance(m, WeightOnlyInt4Linear):
-            kernel = int4_kernel
-            if kernel == "auto":
-                kernel = "triton" if cuda_triton else ("tinygemm" if device.type == "cuda" else "cpu")
+            kernel = "triton" if cuda_triton else ("tinygemm" if device.type == "cuda" else "cpu")
             if kernel in ("tinygemm", "cpu") and (not int4_fits(m.in_features, m.groupsize) or m.out_features % 16):  # torch's packing needs N % 16
                 kernel = "reference"
             m.kernel = kernel

@@ -116,7 +116,7 @@ def test_kv_caches_stay_consistent_after_rejections(target, draft):
     target.setup_caches(1, n)
     with torch.no_grad():
         target(y[:, :n], torch.arange(n))
-    for layer, cache in zip(target.layers, spec_cache):
+    for layer, cache in zip(target.layers, spec_cache, strict=True):
         assert torch.allclose(layer.attention.kv_cache.k_cache[0, :, :n], cache, atol=1e-5)
 
 

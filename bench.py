@@ -1,0 +1,136 @@
+"""Run generate.py over a matrix of settings and print one markdown table (optionally JSON and a PNG plot).
+
+Each setting runs in its own process, so compile caches, memory peaks and CUDA graphs do not mix.
+"""
+
+import argparse
+import itertools
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+PATTERNS = {
+    "tok_s": r"Average decode tokens/s: ([\d.]+)",
+    "ttft_ms": r"Average time to first token: ([\d.]+) ms",
+    "gb_s": r"Average bandwidth achieved: ([\d.]+) GB/s",
+    "card_gb_s": r"Measured read bandwidth of this card: ([\d.]+) GB/s",
+    "pct": r"achieved ([\d.]+)%",
+    "compile_s": r"Compilation and warm-up: ([\d.]+) s",
+    "load_s": r"Loaded model in ([\d.]+) s",
+    "mean_accepted": r"mean ([\d.]+) tokens per target forward",
+}
+
+
+def parse(out: str) -> dict:
+    row = {k: float(m[-1]) for k, p in PATTERNS.items() if (m := re.findall(p, out))}
+    mem = re.findall(r"memory ([\d.]+) GB", out)
+    if mem:
+        row["memory_gb"] = max(float(x) for x in mem)
+    return row
+
+
+def settings(a) -> list[dict]:
+    rows = []
+    for precision, compile_, spec, batch, prompt in itertools.product(a.precisions, a.compile, a.speculate, a.batch_sizes, a.prompt_lengths):
+        if spec != "none" and batch != 1:
+            continue  # speculative decoding runs at batch 1
+        rows.append(dict(precision=precision, compile=compile_, speculate=spec, batch_size=batch, prompt_len=prompt))
+    return rows
+
+
+def command(a, s: dict) -> list[str]:
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--prompt", str(s["prompt_len"]), "--max_new_tokens", str(a.max_new_tokens)]
+    cmd += ["--num_samples", str(a.num_samples), "--batch_size", str(s["batch_size"]), "--device", a.device, "--ignore_eos"]
+    if a.random_init:
+        cmd += ["--random_init", a.random_init]
+        if s["precision"] != "bf16":
+            cmd += ["--quantize", s["precision"], "--groupsize", str(a.groupsize)]
+    else:
+        suffix = {"bf16": "model.pth", "int8": "model_int8.pth", "int4": f"model_int4.g{a.groupsize}.pth"}[s["precision"]]
+        cmd += ["--checkpoint_path", str(a.checkpoint_path.parent / suffix)]
+    if s["compile"] == "on":
+        cmd += ["--compile"] + (["--compile_prefill"] if a.compile_prefill else [])
+    if s["speculate"] == "ngram":
+        cmd += ["--speculate", "ngram", "--speculate_k", str(a.speculate_k)]
+    elif s["speculate"].startswith("draft"):
+        draft = s["speculate"].split("-", 1)[1]  # e.g. draft-int4
+        if a.random_init:
+            cmd += ["--draft_quantize", draft, "--speculate_k", str(a.speculate_k)]
+        else:
+            cmd += ["--draft_checkpoint_path", str(a.checkpoint_path.parent / f"model_{draft}.g{a.groupsize}.pth"), "--speculate_k", str(a.speculate_k)]
+    return cmd + a.extra
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["precision", "compile", "speculate", "batch_size", "prompt_len", "tok_s", "ttft_ms", "gb_s", "pct", "card_gb_s", "compile_s", "memory_gb"]
+    names = ["precision", "compile", "speculate", "batch", "prompt", "tokens/s", "TTFT ms", "GB/s", "% of read BW", "card read GB/s", "compile s", "memory GB"]
+    lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        cells = [r.get(c, "error" if c == "tok_s" else "") for c in cols]
+        lines.append("| " + " | ".join(f"{c:.1f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from None
+    labels = [f"{r['precision']} c={r['compile']} s={r['speculate']} b={r['batch_size']} p={r['prompt_len']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
+    ax.barh(labels, [r.get("tok_s", 0) for r in rows])
+    ax.set_xlabel("decode tokens/s")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Benchmark generate.py over a matrix of settings.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--random_init", "--model", type=str, help="named config with random weights (no download needed)")
+    src.add_argument("--checkpoint_path", type=Path, help="model.pth; its int8/int4 files are looked for beside it")
+    p.add_argument("--precisions", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"], help="weight formats to run")
+    p.add_argument("--compile", nargs="+", default=["on"], choices=["on", "off"], help="compile settings to run")
+    p.add_argument("--speculate", nargs="+", default=["none"], help="none, ngram, draft-int4, draft-int8")
+    p.add_argument("--batch_sizes", nargs="+", type=int, default=[1], help="batch sizes to run")
+    p.add_argument("--prompt_lengths", nargs="+", type=int, default=[16], help="synthetic prompt lengths (e.g. 16 2048)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens generated per sample")
+    p.add_argument("--num_samples", type=int, default=3, help="samples per setting (after the warm-up one)")
+    p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
+    p.add_argument("--speculate_k", type=int, default=5, help="speculated tokens per step")
+    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
+    p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--plot", type=Path, default=None, help="also draw tokens/s per setting to this PNG (needs matplotlib)")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments passed to generate.py")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    rows = []
+    for s in settings(a):
+        cmd = command(a, s)
+        t0 = time.time()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        row = {**s, **parse(proc.stdout), "wall_s": round(time.time() - t0, 1)}
+        if proc.returncode != 0:
+            row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
+        print(f"{s} -> {row.get('tok_s', row.get('error'))}", file=sys.stderr, flush=True)
+        rows.append(row)
+    print(table(rows))
+    if a.json:
+        a.json.write_text(json.dumps(rows, indent=2))
+    if a.plot:
+        plot(rows, a.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""Check and time the quantized GEMV kernels on the GPU, per Llama-2-7B layer shape, at batch 1.
+
+Prints, per shape: error against a float32 reference, microseconds (CUDA-graph replays, median), and GB/s.
+usage: python scripts/kernel_bench.py [--rows 1]
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import quantize as q  # noqa: E402
+from generate import measure_read_bandwidth  # noqa: E402
+
+SHAPES = {"wqkv": (12288, 4096), "wo": (4096, 4096), "w1/w3": (11008, 4096), "w2": (4096, 11008), "output": (32000, 4096)}
+
+
+def time_us(fn) -> float:
+    return triton.testing.do_bench_cudagraph(fn, rep=200, return_mode="median") * 1e3
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", type=int, default=1, help="input rows (batch x tokens)")
+    a = p.parse_args()
+    bw = measure_read_bandwidth(torch.device("cuda"))
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, read bandwidth {bw:.0f} GB/s")
+    int8_torch = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
+    print("| layer | kernel | rel. err | us | GB/s | % of read BW |\n|---|---|---|---|---|---|")
+    for name, (N, K) in SHAPES.items():
+        bench_shape(f"{name} {N}x{K}", N, K, a.rows, bw, int8_torch)
+
+
+def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) -> None:
+    dev = torch.device("cuda")
+    w = torch.randn(N, K, device=dev) * 0.02
+    x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
+    wb = w.to(torch.bfloat16)
+    c8, s8 = q.quantize_int8(wb)
+    p4, sz = q.quantize_int4(wb, 32)
+    packed = torch.ops.aten._convert_weight_to_int4pack(p4, 8)
+    ref = x.float() @ wb.float().t()
+    ref8 = x.float() @ (c8.float() * s8.float()[:, None]).t()
+    ref4 = x.float() @ q.dequantize_int4(p4, sz, torch.float32).t()
+    b8, b4 = N * K + N * 2, N * K // 2 + sz.numel() * 2
+    cases = {
+        "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
+        "int8 triton": (lambda: q.int8_gemv(x, c8, s8), ref8, b8),
+        "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
+        "int4 triton": (lambda: q.int4_gemv(x, p4, sz), ref4, b4),
+        "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 32, sz), ref4, b4),
+    }
+    for kname, (fn, r, nbytes) in cases.items():
+        err = float((fn().float() - r).norm() / r.norm())
+        us = time_us(fn)
+        print(f"| {label} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
+
+
+if __name__ == "__main__":
+    main()
