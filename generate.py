@@ -11,6 +11,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from model import ModelArgs, Transformer
 
@@ -71,7 +72,8 @@ def decode_n_tokens(
     new_tokens, new_probs = [], []
     done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     for _ in range(num_new_tokens):
-        next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
+        with sdpa_kernel(SDPBackend.MATH):  # lets inductor fuse decode attention instead of calling a kernel per layer
+            next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
         input_pos += 1
         new_tokens.append(next_token.clone())  # CUDA-graph outputs are overwritten by the next replay
         new_probs.append(next_prob.clone())
@@ -124,7 +126,9 @@ def speculative_decode(
         draft_probs = None  # a deterministic proposal puts probability 1 on its token
     k = draft_tokens.numel()
     x = torch.cat([cur_token.view(1), draft_tokens]).view(1, -1)  # [1, k+1]
-    target_probs = logits_to_probs(verify(model, x, torch.arange(input_pos, input_pos + k + 1, device=device))[0], **sampling_kwargs)
+    with sdpa_kernel(SDPBackend.MATH):
+        target_logits = verify(model, x, torch.arange(input_pos, input_pos + k + 1, device=device))
+    target_probs = logits_to_probs(target_logits[0], **sampling_kwargs)
     q = target_probs[torch.arange(k, device=device), draft_tokens]  # [k]
     p = torch.ones_like(q) if draft_probs is None else draft_probs[torch.arange(k, device=device), draft_tokens]
     rejected = (torch.rand_like(q) >= torch.clamp(q / p, max=1.0)).nonzero()

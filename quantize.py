@@ -101,56 +101,66 @@ if triton is not None:
         tl.store(y_ptr + m * N + offs_n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, GROUPS: tl.constexpr):
-        """y[m, n] = sum over groups of scale * sum_k x_k (q_k - 8) + zero * sum_k x_k; GROUPS groups per step."""
+    def int4_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """y[m, n] = sum over groups of scale * sum_k x_k (q_k - 8) + zero * sum_k x_k.
+
+        w: uint8 [N, K/2], even k in the high nibble; sz: [N, K/g, 2] (row-major, so a row's groups are contiguous).
+        """
+        GROUPS: tl.constexpr = BLOCK_K // GROUP
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        offs_j = tl.arange(0, GROUP // 2)  # byte within a group
         n_groups = K // GROUP
         acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         for g0 in range(0, n_groups, GROUPS):
             grp = g0 + tl.arange(0, GROUPS)  # [GB]
             gmask = grp < n_groups
-            byte = grp[:, None] * (GROUP // 2) + offs_j[None, :]  # [GB, G/2]
-            wmask = (offs_n[:, None, None] < N) & gmask[None, :, None]
-            w = tl.load(w_ptr + offs_n[:, None, None] * (K // 2) + byte[None, :, :], mask=wmask, other=0)  # [BN, GB, G/2]
-            x_even = tl.load(x_ptr + m * K + 2 * byte, mask=gmask[:, None], other=0.0).to(tl.float32)  # [GB, G/2]
-            x_odd = tl.load(x_ptr + m * K + 2 * byte + 1, mask=gmask[:, None], other=0.0).to(tl.float32)
+            nmask = offs_n[:, None, None] < N
+            byte = grp[None, :, None] * (GROUP // 2) + tl.arange(0, GROUP // 2)[None, None, :]
+            w = tl.load(w_ptr + offs_n[:, None, None] * (K // 2) + byte, mask=nmask & gmask[None, :, None], other=0)  # [BN, GB, G/2]
+            x = tl.load(x_ptr + m * K + grp[:, None] * GROUP + tl.arange(0, GROUP)[None, :], mask=gmask[:, None], other=0.0)
+            x_even, x_odd = tl.split(tl.reshape(x.to(tl.float32), [GROUPS, GROUP // 2, 2]))  # [GB, G/2] each
+            sz_off = (offs_n[:, None, None] * n_groups + grp[None, :, None]) * 2 + tl.arange(0, 2)[None, None, :]
+            s, z = tl.split(tl.load(sz_ptr + sz_off, mask=nmask & gmask[None, :, None], other=0.0).to(tl.float32))  # [BN, GB]
             hi = (w >> 4).to(tl.float32) - 8.0
             lo = (w & 15).to(tl.float32) - 8.0
             dot = tl.sum(hi * x_even[None, :, :] + lo * x_odd[None, :, :], axis=2)  # [BN, GB]
-            sz = (grp[None, :] * N + offs_n[:, None]) * 2  # [BN, GB]
-            smask = (offs_n[:, None] < N) & gmask[None, :]
-            s = tl.load(sz_ptr + sz, mask=smask, other=0.0).to(tl.float32)
-            z = tl.load(sz_ptr + sz + 1, mask=smask, other=0.0).to(tl.float32)
             acc += tl.sum(dot * s + z * tl.sum(x_even + x_odd, axis=1)[None, :], axis=1)
         tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
-    _configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (4, 8, 16) for k in (256, 512, 1024) for w in (4, 8)]
-    int8_gemv_tuned = triton.autotune(_configs, key=["N", "K"])(int8_gemv_kernel)
-    _configs4 = [triton.Config({"BLOCK_N": n, "GROUPS": g}, num_warps=w) for n in (8, 16, 32) for g in (2, 4, 8) for w in (4, 8)]
-    int4_gemv_tuned = triton.autotune(_configs4, key=["N", "K", "GROUP"])(int4_gemv_kernel)
+    _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
+    int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
+    _c4 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (8, 16, 32, 64) for k in (256, 512, 1024) for w in (4, 8)]
+    int4_gemv_tuned = triton.autotune([c for c in _c4 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32768], key=["N", "K", "GROUP"])(int4_gemv_kernel)
 
 
 def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
     """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; config fixes the tile (tests)."""
     M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int8_gemv_kernel if config else int8_gemv_tuned
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, **config)
+    y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
+    kernel = int8_gemv_kernel if config else torch.library.wrap_triton(int8_gemv_tuned)
+    kernel[lambda meta: (M, triton.cdiv(w.shape[0], meta["BLOCK_N"]))](x, w, scales, y, w.shape[0], K, **config)
     return y
 
 
-def int4_gemv(x: Tensor, w: Tensor, scales_and_zeros: Tensor, **config) -> Tensor:
-    """Triton int4 GEMV: x [M, K] against uint8 [N, K/2] codes and [K/g, N, 2] params -> [M, N]."""
+def int4_gemv(x: Tensor, w: Tensor, sz_rows: Tensor, **config) -> Tensor:
+    """Triton int4 GEMV: x [M, K] against uint8 [N, K/2] codes and row-major [N, K/g, 2] params -> [M, N]."""
     M, K = x.shape
-    N = w.shape[0]
-    group = K // scales_and_zeros.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int4_gemv_kernel if config else int4_gemv_tuned
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales_and_zeros, y, N, K, GROUP=group, **config)
+    y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
+    kernel = int4_gemv_kernel if config else torch.library.wrap_triton(int4_gemv_tuned)
+    group = K // sz_rows.shape[1]
+    kernel[lambda meta: (M, triton.cdiv(w.shape[0], meta["BLOCK_N"]))](x, w, sz_rows, y, w.shape[0], K, GROUP=group, **config)
     return y
+
+
+if triton is not None:  # as custom ops, inductor sees pure functions it can place in CUDA graphs without copies
+
+    @torch.library.triton_op("gptfast::int8_gemv", mutates_args=())
+    def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
+        return int8_gemv(x, w, scales)
+
+    @torch.library.triton_op("gptfast::int4_gemv", mutates_args=())
+    def int4_gemv_op(x: Tensor, w: Tensor, sz_rows: Tensor) -> Tensor:
+        return int4_gemv(x, w, sz_rows)
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -167,7 +177,7 @@ class WeightOnlyInt8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         if self.use_triton and rows <= GEMV_MAX_ROWS:
-            return int8_gemv(x.reshape(rows, -1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
+            return int8_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
 
 
@@ -185,7 +195,7 @@ class WeightOnlyInt4Linear(nn.Module):
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         if self.kernel == "triton" and x.shape[0] <= GEMV_MAX_ROWS:
-            y = int4_gemv(x.contiguous(), self.weight, self.scales_and_zeros)
+            y = int4_gemv_op(x.contiguous(), self.weight, self.scales_and_zeros.transpose(0, 1))
         elif self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cpu":
@@ -311,7 +321,9 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
             if kernel in ("tinygemm", "cpu") and (not int4_fits(m.in_features, m.groupsize) or m.out_features % 16):  # torch's packing needs N % 16
                 kernel = "reference"
             m.kernel = kernel
-            if kernel == "tinygemm":
+            if kernel == "triton":  # same shape [K/g, N, 2], stored row-major: each row's groups contiguous for the kernel
+                m.scales_and_zeros = m.scales_and_zeros.transpose(0, 1).contiguous().transpose(0, 1)
+            elif kernel == "tinygemm":
                 tiles = 8 if m.in_features % 128 == 0 else (4 if m.in_features % 64 == 0 else 2)
                 m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), tiles)
             elif kernel == "cpu":
