@@ -534,6 +534,7 @@ def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, pr
         t1 = time.perf_counter()
     if profile:
         prof.export_chrome_trace(f"{args.profile}.json")
+        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
     stats.update(total=t1 - t0, ttft=stats["prefill_end"] - t0, new_tokens=y.shape[1] - prompt.numel())
     return y, stats
 

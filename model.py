@@ -274,9 +274,13 @@ class ConditionalFeedForward(nn.Module):
 
     def forward(self, x: Tensor, expert_indices: Tensor) -> Tensor:
         """x [T, D], expert_indices [T, A] -> [T, A, D]; reads only the selected experts' weights."""
+        # multiply-and-sum rather than einsum: inductor fuses the gather (and int8 dequantization) into one
+        # reduction that reads each selected expert once, where a bmm would first materialize the weights
+        x = x[:, None, None, :]  # [T, 1, 1, D]
         w1, w3 = self.expert_weight("w1", expert_indices), self.expert_weight("w3", expert_indices)  # [T, A, I, D]
-        h = F.silu(torch.einsum("td,taid->tai", x, w1)) * torch.einsum("td,taid->tai", x, w3)
-        return torch.einsum("tai,tadi->tad", h, self.expert_weight("w2", expert_indices))
+        h = F.silu(torch.sum(x * w1, dim=-1, dtype=torch.float)) * torch.sum(x * w3, dim=-1, dtype=torch.float)  # [T, A, I]
+        h = h.to(x.dtype)[:, :, None, :]  # [T, A, 1, I]
+        return torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float).to(x.dtype)  # [T, A, D]
 
     def forward_expert(self, x: Tensor, e: int) -> Tensor:
         """All rows of x [N, D] through expert e -> [N, D]."""

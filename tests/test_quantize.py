@@ -61,7 +61,7 @@ for M, N, K, g in [(1, 37, 320, 32), (3, 24, 512, 64), (8, 16, 256, 128)]:  # ra
     ref8 = torch.nn.functional.linear(x, c.float()) * s
     p, sz = q.quantize_int4(w, g)
     ref4 = torch.nn.functional.linear(x, q.dequantize_int4(p, sz, torch.float32))
-    y4 = q.int4_gemv(x, p, sz.transpose(0, 1).contiguous(), BLOCK_N=8, BLOCK_K=4 * g)
+    y4 = q.int4_gemv(x, q.to_halves_layout(p, g), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous(), BLOCK_N=8, BLOCK_K=4 * g)
     for y, ref in ((q.int8_gemv(x, c, s, BLOCK_N=8, BLOCK_K=128), ref8), (y4, ref4)):
         assert float((y - ref).norm() / ref.norm()) < 1e-5, (M, N, K, g)
 print("ok")
