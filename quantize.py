@@ -4,9 +4,10 @@ Formats (what `quantize.py` writes and `generate.py` recognises from the tensors
   int8: `weight` int8 [N, K], `scales` [N]                      ->  w = weight * scales
   int4: `weight` uint8 [N, K/2] (even k in the high nibble), `scales_and_zeros` [K/g, N, 2]
                                                                 ->  w = (q - 8) * scale + zero
-The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`, so it can be repacked for
-tinygemm on CUDA or for the CPU int4 kernel at load time. On CUDA, decode steps (at most 8 rows)
-run on the small Triton GEMV kernels below; larger inputs dequantize and use a normal matmul.
+The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`, so it is repacked at load time
+for tinygemm on CUDA or for torch's CPU int4 kernel. On CUDA, int8 decode steps (at most 8 rows) run on the
+small Triton GEMV kernel below; larger inputs use a dequantize-matmul. A Triton int4 GEMV was tried and
+measured slower than tinygemm on the H100 (README), so int4 uses tinygemm.
 """
 
 import argparse
@@ -106,40 +107,8 @@ if triton is not None:
         s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
-    @triton.jit
-    def int4_gemv_kernel(x_ptr, w_ptr, s_ptr, z_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[m, n] = sum over groups of scale * sum_k x_k (q_k - 8) + zero * sum_k x_k.
-
-        w: uint8 [N, K/2] in the "halves" layout (byte j of a group holds q[j] high, q[j + G/2] low),
-        s, z: [N, K/g]. Every load is a plain contiguous tile: no reshapes or shuffles in the loop.
-        """
-        GROUPS: tl.constexpr = BLOCK_K // GROUP
-        HALF: tl.constexpr = GROUP // 2
-        m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # [BN]
-        j = tl.arange(0, HALF)
-        n_groups = K // GROUP
-        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        for g0 in range(0, n_groups, GROUPS):
-            grp = g0 + tl.arange(0, GROUPS)  # [GB]
-            wmask = (offs_n[:, None, None] < N) & (grp[None, :, None] < n_groups)
-            w = tl.load(w_ptr + offs_n[:, None, None] * (K // 2) + grp[None, :, None] * HALF + j[None, None, :], mask=wmask, other=0)
-            xmask = grp[:, None] < n_groups
-            x_hi = tl.load(x_ptr + m * K + grp[:, None] * GROUP + j[None, :], mask=xmask, other=0.0).to(tl.float32)  # [GB, G/2]
-            x_lo = tl.load(x_ptr + m * K + grp[:, None] * GROUP + HALF + j[None, :], mask=xmask, other=0.0).to(tl.float32)
-            smask = (offs_n[:, None] < N) & (grp[None, :] < n_groups)
-            s = tl.load(s_ptr + offs_n[:, None] * n_groups + grp[None, :], mask=smask, other=0.0).to(tl.float32)  # [BN, GB]
-            z = tl.load(z_ptr + offs_n[:, None] * n_groups + grp[None, :], mask=smask, other=0.0).to(tl.float32)
-            hi = small_int_to_float((w >> 4).to(tl.int32), 8.0)
-            lo = small_int_to_float((w & 15).to(tl.int32), 8.0)
-            dot = tl.sum(hi * x_hi[None, :, :] + lo * x_lo[None, :, :], axis=2)  # [BN, GB]
-            acc += tl.sum(dot * s + z * tl.sum(x_hi + x_lo, axis=1)[None, :], axis=1)
-        tl.store(y_ptr + m * N + offs_n, acc.to(y_ptr.dtype.element_ty), mask=offs_n < N)
-
     _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
     int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
-    _c4 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (8, 16, 32, 64) for k in (256, 512, 1024) for w in (4, 8)]
-    int4_gemv_tuned = triton.autotune([c for c in _c4 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 32768], key=["N", "K", "GROUP"])(int4_gemv_kernel)
 
 
 def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
@@ -151,31 +120,11 @@ def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
     return y
 
 
-def int4_gemv(x: Tensor, w_halves: Tensor, s_rows: Tensor, z_rows: Tensor, **config) -> Tensor:
-    """Triton int4 GEMV: x [M, K] against "halves"-layout codes [N, K/2] and scales, zeros [N, K/g] -> [M, N]."""
-    M, K = x.shape
-    y = torch.empty(M, w_halves.shape[0], dtype=x.dtype, device=x.device)
-    kernel = int4_gemv_kernel if config else torch.library.wrap_triton(int4_gemv_tuned)
-    group = K // s_rows.shape[1]
-    kernel[lambda meta: (M, triton.cdiv(w_halves.shape[0], meta["BLOCK_N"]))](x, w_halves, s_rows, z_rows, y, w_halves.shape[0], K, GROUP=group, **config)
-    return y
-
-
-def to_halves_layout(packed: Tensor, groupsize: int) -> Tensor:
-    """Standard packing (even k high) -> per group, byte j holds q[j] high and q[j + g/2] low."""
-    q = unpack_int4(packed).view(packed.shape[0], -1, 2, groupsize // 2)  # [N, K/g, 2, g/2]
-    return ((q[:, :, 0] << 4) | q[:, :, 1]).reshape(packed.shape).to(torch.uint8)
-
-
 if triton is not None:  # as custom ops, inductor sees pure functions it can place in CUDA graphs without copies
 
     @torch.library.triton_op("gptfast::int8_gemv", mutates_args=())
     def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
         return int8_gemv(x, w, scales)
-
-    @torch.library.triton_op("gptfast::int4_gemv", mutates_args=())
-    def int4_gemv_op(x: Tensor, w_halves: Tensor, s_rows: Tensor, z_rows: Tensor) -> Tensor:
-        return int4_gemv(x, w_halves, s_rows, z_rows)
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -197,21 +146,20 @@ class WeightOnlyInt8Linear(nn.Module):
 
 
 class WeightOnlyInt4Linear(nn.Module):
-    """kernel: "triton" (CUDA), "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm), "reference"."""
+    """kernel: "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm) or "reference" (dequantize + matmul)."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features, self.groupsize = in_features, out_features, groupsize
         self.register_buffer("weight", torch.empty(out_features, in_features // 2, dtype=torch.uint8))
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2, dtype=dtype))
-        self.kernel, self.packed = "reference", None
+        self.kernel = "reference"
+        self.register_buffer("packed", None, persistent=False)  # the kernel's own layout, made by prepare_for_device
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "triton" and x.shape[0] <= GEMV_MAX_ROWS:
-            y = int4_gemv_op(x.contiguous(), *self.packed)
-        elif self.kernel == "tinygemm":
+        if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cpu":
             y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
@@ -325,25 +273,24 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto") -> None:
-    """Pick each quantized layer's kernel for where it runs; repack int4 codes when torch's kernels need it.
-    kernels="torch" skips the Triton GEMVs (int8 through inductor's fusion, int4 through tinygemm)."""
+    """Pick each quantized layer's kernel for where it runs; repack int4 codes for torch's kernels (once: idempotent).
+    kernels="torch" skips the Triton int8 GEMV for inductor's fused dequantize-matmul (the usual approach)."""
     cuda_triton = kernels == "auto" and device.type == "cuda" and triton is not None and torch.version.hip is None
     for m in model.modules():
         if isinstance(m, WeightOnlyInt8Linear):
             m.use_triton = cuda_triton
-        elif isinstance(m, WeightOnlyInt4Linear):
-            kernel = "triton" if cuda_triton else ("tinygemm" if device.type == "cuda" else "cpu")
+        elif isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
+            kernel = "tinygemm" if device.type == "cuda" else "cpu"
             if kernel in ("tinygemm", "cpu") and (not int4_fits(m.in_features, m.groupsize) or m.out_features % 16):  # torch's packing needs N % 16
                 kernel = "reference"
             m.kernel = kernel
-            if kernel == "triton":  # the kernel's own layout; the checkpoint layout stays in weight for larger inputs
-                sz = m.scales_and_zeros
-                m.packed = (to_halves_layout(m.weight, m.groupsize), sz[..., 0].t().contiguous(), sz[..., 1].t().contiguous())
-            elif kernel == "tinygemm":
+            if kernel == "tinygemm":
                 tiles = 8 if m.in_features % 128 == 0 else (4 if m.in_features % 64 == 0 else 2)
                 m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), tiles)
             elif kernel == "cpu":
                 m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
+            if m.packed is not None:  # one copy in memory: a prepared model is for inference, not for saving
+                m.weight = m.weight.new_empty(0)
 
 
 # ---------------------------------------------------------------- GPTQ
