@@ -576,6 +576,14 @@ def main(argv=None):
     import tp
 
     rank = tp.maybe_init_dist(args.device)
+    try:
+        run(args, rank)
+    finally:
+        if rank is not None:  # without this, NCCL can hang the process at exit
+            torch.distributed.destroy_process_group()
+
+
+def run(args, rank):
     use_tp = rank is not None
     if use_tp and rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
