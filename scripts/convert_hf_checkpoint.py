@@ -134,6 +134,7 @@ def copy_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:
 @torch.no_grad()
 def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, out_dir: Path | None = None) -> Path:
     checkpoint_dir, out_dir = Path(checkpoint_dir), Path(out_dir or checkpoint_dir)
+    files = weight_files(checkpoint_dir)
     config_file = checkpoint_dir / "config.json"
     if config_file.is_file():
         try:
@@ -142,7 +143,6 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, o
             raise ValueError(f"cannot read {config_file}: {e!r}") from None
     else:
         args = ModelArgs.from_name(model_name or checkpoint_dir.name)
-    files = weight_files(checkpoint_dir)
     state_dict = convert_state_dict((kv for f in files for kv in iter_tensors(f)), args)
     check_complete(state_dict, args)
     out_dir.mkdir(parents=True, exist_ok=True)
