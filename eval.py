@@ -100,7 +100,7 @@ class GPTFastLM:
         return out
 
 
-def run_harness(lm: GPTFastLM, tasks: list[str], limit, num_fewshot):
+def run_harness(lm: GPTFastLM, tasks: list[str], limit=None, num_fewshot=None, include_path=None):
     try:
         import lm_eval
         from lm_eval.api.model import LM
@@ -110,7 +110,10 @@ def run_harness(lm: GPTFastLM, tasks: list[str], limit, num_fewshot):
     wrapped = harness_lm.__new__(harness_lm)
     LM.__init__(wrapped)
     wrapped.__dict__.update(lm.__dict__)
-    return lm_eval.simple_evaluate(model=wrapped, tasks=tasks, limit=limit, num_fewshot=num_fewshot)["results"]
+    from lm_eval.tasks import TaskManager
+
+    task_manager = TaskManager(include_path=str(include_path) if include_path else None)
+    return lm_eval.simple_evaluate(model=wrapped, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager)["results"]
 
 
 def main(argv=None):
@@ -123,6 +126,7 @@ def main(argv=None):
     p.add_argument("--tasks", nargs="+", default=None, help="lm-evaluation-harness task names (needs lm_eval)")
     p.add_argument("--limit", type=int, default=None, help="harness: examples per task")
     p.add_argument("--num_fewshot", type=int, default=None, help="harness: few-shot examples")
+    p.add_argument("--include_path", type=Path, default=None, help="harness: folder of your own task YAML files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
     a = p.parse_args(argv)
@@ -141,7 +145,8 @@ def main(argv=None):
             ppl, n = perplexity(model, tokenizer, a.text_file.read_text(encoding="utf-8"), seq_len, a.stride, device)
             print(f"perplexity {ppl:.4f} over {n} tokens ({a.text_file})")
         if a.tasks:
-            for task, metrics in run_harness(GPTFastLM(model, tokenizer, device), a.tasks, a.limit, a.num_fewshot).items():
+            results = run_harness(GPTFastLM(model, tokenizer, device), a.tasks, a.limit, a.num_fewshot, a.include_path)
+            for task, metrics in results.items():
                 print(task, {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None

@@ -91,3 +91,36 @@ def test_cli_perplexity_and_errors(capsys, tmp_path, llama2_tokenizer_path):
         with pytest.raises(SystemExit) as e:
             ev.main([*base, *extra])
         assert msg in str(e.value.code) and "\n" not in str(e.value.code)
+
+
+TASK_YAML = """task: toy_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_harness_adapter_on_a_local_task(model, tok, tmp_path):
+    """With lm_eval installed, a local multiple-choice task whose right answer is the model's own greedy
+    continuation must score accuracy 1.0, and the wrong choices must lose."""
+    pytest.importorskip("lm_eval")
+    import json
+
+    lm = ev.GPTFastLM(model, tok, "cpu")
+    rows = []
+    for q in ("Once upon a time", "The weather today", "In the beginning"):
+        greedy = lm.generate_until([req(q, {"max_gen_toks": 2})])[0]
+        rows.append({"question": q, "choices": [greedy, " xylophone quartz", " 12345"], "answer": 0})
+    data = tmp_path / "toy.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "toy.yaml").write_text(TASK_YAML.format(data=data))
+    results = ev.run_harness(lm, ["toy_choice"], include_path=tmp_path)
+    assert results["toy_choice"]["acc,none"] == 1.0
