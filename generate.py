@@ -57,7 +57,7 @@ def model_forward(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
 
 def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
     """Run the prompt x [B, T] through the model, filling the KV cache; return the first new token [B, 1]."""
-    return sample(model(x, input_pos), **sampling_kwargs)[0]
+    return sample(model(x, input_pos, prefill=True), **sampling_kwargs)[0]
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
@@ -381,6 +381,7 @@ def parse_args(argv=None):
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass")
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
+    p.add_argument("--compile_cache", type=Path, default=None, help="file of compiled artifacts: loaded if present, written after compiling")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="weights/activations dtype; default bf16 on GPU, fp32 on CPU")
     p.add_argument("--random_init", type=str, default=None, metavar="MODEL_NAME", help="no checkpoint: random weights of this named config (for benchmarks)")
@@ -600,6 +601,8 @@ def run(args, rank):
     prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
     check_fits(args, model, prompt.numel(), device)
     steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts)
+    if args.compile and args.compile_cache is not None and args.compile_cache.is_file():
+        torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
 
@@ -613,11 +616,18 @@ def run(args, rank):
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
         if i < 0:
             print(f"Compilation and warm-up: {stats['total']:.2f} s")
+            save_compile_cache(args.compile_cache)
             continue
         if tokenizer is not None:
             print(tokenizer.decode(y[0].tolist()))
         rows.append(report(i, stats, bytes_per_token, device, bandwidth))
     summarize(rows, bytes_per_token, bandwidth)
+
+
+def save_compile_cache(path: Optional[Path]) -> None:
+    artifacts = torch.compiler.save_cache_artifacts() if path is not None else None
+    if artifacts is not None:
+        path.write_bytes(artifacts[0])
 
 
 def summarize(rows, bytes_per_token, bandwidth):

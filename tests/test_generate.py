@@ -218,3 +218,26 @@ def test_cli_error_has_no_traceback(checkpoint, llama2_tokenizer_path):
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_interactive_streams_the_chat_reply(capsys, monkeypatch, checkpoint, llama2_tokenizer_path):
+    """--interactive wraps the message in the chat template and streams exactly the greedy reply."""
+    from tokenizer import get_tokenizer
+
+    answers = iter(["Tell me a story"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    generate.main(["--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path), "--interactive"]
+                  + ["--temperature", "0", "--max_new_tokens", "10"])  # fmt: skip
+    streamed = capsys.readouterr().out.split("\n")[-2]  # the reply line, after the model-load line
+    tok = get_tokenizer(llama2_tokenizer_path)
+    prompt = torch.tensor(tok.encode_chat("Tell me a story"), dtype=torch.int)
+    y, _ = gen(generate.load_model(checkpoint, "cpu", torch.float32), prompt, 10, temperature=0, stop_ids=tok.stop_ids())
+    reply = [t for t in y[0, prompt.numel() :].tolist() if t not in tok.stop_ids()]
+    assert streamed == tok.decode(reply) and len(reply) > 0

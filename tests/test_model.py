@@ -90,7 +90,7 @@ def test_kv_cache_decode_equals_full_forward(overrides):
     full = our_logits(model, idx)
     model.setup_caches(2, 64)
     with torch.no_grad():
-        steps = [model(idx[:, :24], torch.arange(24))]  # prefill, then one token at a time
+        steps = [model(idx[:, :24], torch.arange(24), prefill=True)]  # prefill (causal path), then one token at a time
         steps += [model(idx[:, i : i + 1], torch.tensor([i])) for i in range(24, 40)]
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-5
 
