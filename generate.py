@@ -635,7 +635,7 @@ def summarize(rows, bytes_per_token, bandwidth):
     print("==========")
     print(f"Average decode tokens/s: {mean['tok_s']:.2f}")
     print(f"Average time to first token: {mean['ttft'] * 1e3:.1f} ms")
-    print(f"Average bandwidth achieved: {mean['gb_s']:.0f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)")
+    print(f"Average bandwidth achieved: {mean['gb_s']:.1f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)")
     if bandwidth:
         print(f"Measured read bandwidth of this card: {bandwidth:.0f} GB/s; achieved {100 * mean['gb_s'] / bandwidth:.1f}%")
 
