@@ -84,6 +84,16 @@ def test_greedy_speculative_with_draft_equals_plain_greedy(target, draft):
     assert stats["accept_counts"][0] > 0, "the draft should be rejected sometimes, or this test checks nothing"
 
 
+def test_greedy_speculative_with_a_quantized_draft_equals_plain_greedy(target):
+    import quantize
+
+    prompt = prompt_ids()
+    draft = quantize.quantize_model(random_transformer(tiny_args(), seed=0), "int8", device="cpu")  # target's int8 copy
+    spec, stats = gen(target, prompt, 30, draft_model=draft, speculate="draft", speculate_k=4, temperature=0)
+    assert spec.tolist() == gen(target, prompt, 30, temperature=0)[0].tolist()
+    assert sum(stats["accept_counts"]) < 29  # an int8 copy agrees often: fewer target forwards than tokens
+
+
 def test_greedy_speculative_with_itself_accepts_everything(target):
     prompt = prompt_ids()
     spec, stats = gen(target, prompt, 21, draft_model=target, speculate="draft", speculate_k=4, temperature=0)

@@ -83,6 +83,8 @@ def test_torchrun_cli_matches_single_process(tmp_path, llama2_tokenizer_path):
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "generate.py"]
     one, two = text([sys.executable, "generate.py"]), text(torchrun)
     assert len(one) == 1 and one == two  # and rank 1 printed nothing
+    args += ["--speculate", "ngram", "--speculate_k", "3"]  # speculative decoding under tensor parallel: same tokens
+    assert text(torchrun) == one
 
 
 def test_torchrun_with_indivisible_heads_is_a_clear_error(tmp_path, llama2_tokenizer_path):
