@@ -558,17 +558,24 @@ def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
 
 
 def interactive_loop(model, tokenizer, args, steps, draft, device):
-    stop_ids = tokenizer.stop_ids()
+    """A multi-turn chat: the whole conversation is the prompt of each reply; it restarts when it outgrows the context."""
+    stop_ids, history = tokenizer.stop_ids(), []
     while True:
         try:
             message = input("\nWhat is your prompt? ")
         except EOFError:
             return
-        prompt = torch.tensor(tokenizer.encode_chat(message), dtype=torch.int, device=device)
-        if prompt.numel() + args.max_new_tokens > model.config.block_size:
-            print(f"(prompt of {prompt.numel()} tokens is too long for --max_new_tokens {args.max_new_tokens}; try a shorter one)")
+        turn = tokenizer.encode_chat(message, first_turn=not history)
+        if history and len(history) + len(turn) + args.max_new_tokens > model.config.block_size:
+            history, turn = [], tokenizer.encode_chat(message, first_turn=True)
+            print("(the conversation no longer fits the context: starting a new one)")
+        if len(turn) + args.max_new_tokens > model.config.block_size:
+            print(f"(prompt of {len(turn)} tokens is too long for --max_new_tokens {args.max_new_tokens}; try a shorter one)")
             continue
-        run_sample(model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False)
+        prompt = torch.tensor(history + turn, dtype=torch.int, device=device)
+        y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False)
+        reply = [t for t in y[0, prompt.numel() :].tolist() if t not in stop_ids]
+        history = prompt.tolist() + reply + tokenizer.end_of_turn()
         print()
 
 

@@ -34,9 +34,12 @@ class SentencePieceTokenizer:
     def stop_ids(self) -> list[int]:
         return [self.sp.eos_id()]
 
-    def encode_chat(self, message: str) -> list[int]:
-        """Llama 2 / Mistral instruction format: <s>[INST] message [/INST]."""
+    def encode_chat(self, message: str, first_turn: bool = True) -> list[int]:
+        """Llama 2 / Mistral instruction format: <s>[INST] message [/INST]; every turn opens with <s>."""
         return self.encode(f"[INST] {message.strip()} [/INST]")
+
+    def end_of_turn(self) -> list[int]:
+        return [self.sp.eos_id()]
 
 
 class TiktokenTokenizer:
@@ -61,10 +64,13 @@ class TiktokenTokenizer:
     def stop_ids(self) -> list[int]:
         return [self.special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
 
-    def encode_chat(self, message: str) -> list[int]:
-        """Llama 3 chat format: one user turn, then the assistant header."""
-        text = f"<|start_header_id|>user<|end_header_id|>\n\n{message.strip()}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"
-        return self.encode(text)
+    def encode_chat(self, message: str, first_turn: bool = True) -> list[int]:
+        """Llama 3 chat format: a user turn, then the assistant header; <|begin_of_text|> only once."""
+        header = "<|start_header_id|>{}<|end_header_id|>\n\n"
+        return self.encode(header.format("user") + message.strip() + "<|eot_id|>" + header.format("assistant"), bos=first_turn)
+
+    def end_of_turn(self) -> list[int]:
+        return [self.special["<|eot_id|>"]]
 
 
 def load_tiktoken_ranks(model_path) -> dict[bytes, int]:

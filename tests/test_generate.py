@@ -230,11 +230,12 @@ def test_cli_error_has_no_traceback(checkpoint, llama2_tokenizer_path):
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
 
 
-def test_interactive_streams_the_chat_reply(capsys, monkeypatch, checkpoint, llama2_tokenizer_path):
-    """--interactive wraps the message in the chat template and streams exactly the greedy reply."""
+def test_interactive_chat_streams_replies_and_keeps_the_conversation(capsys, monkeypatch, checkpoint, llama2_tokenizer_path):
+    """--interactive wraps each message in the chat template, streams exactly the greedy reply, and the
+    second reply is generated from the whole conversation (turn 1 + reply + end of turn + turn 2)."""
     from tokenizer import get_tokenizer
 
-    answers = iter(["Tell me a story"])
+    answers = iter(["Tell me a story", "Another one"])
 
     def fake_input(prompt=""):
         try:
@@ -244,10 +245,14 @@ def test_interactive_streams_the_chat_reply(capsys, monkeypatch, checkpoint, lla
 
     monkeypatch.setattr("builtins.input", fake_input)
     generate.main(["--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path), "--interactive"]
-                  + ["--temperature", "0", "--max_new_tokens", "10"])  # fmt: skip
-    streamed = capsys.readouterr().out.split("\n")[-2]  # the reply line, after the model-load line
+                  + ["--temperature", "0", "--max_new_tokens", "6"])  # fmt: skip
+    streamed = capsys.readouterr().out.split("\n")[1:3]  # the two reply lines, after the model-load line
     tok = get_tokenizer(llama2_tokenizer_path)
-    prompt = torch.tensor(tok.encode_chat("Tell me a story"), dtype=torch.int)
-    y, _ = gen(generate.load_model(checkpoint, "cpu", torch.float32), prompt, 10, temperature=0, stop_ids=tok.stop_ids())
-    reply = [t for t in y[0, prompt.numel() :].tolist() if t not in tok.stop_ids()]
-    assert streamed == tok.decode(reply) and len(reply) > 0
+    model = generate.load_model(checkpoint, "cpu", torch.float32)
+    history = []
+    for message, line in zip(["Tell me a story", "Another one"], streamed, strict=True):
+        prompt = torch.tensor(history + tok.encode_chat(message, first_turn=not history), dtype=torch.int)
+        y, _ = gen(model, prompt, 6, temperature=0, stop_ids=tok.stop_ids())
+        reply = [t for t in y[0, prompt.numel() :].tolist() if t not in tok.stop_ids()]
+        assert line == tok.decode(reply) and reply
+        history = prompt.tolist() + reply + tok.end_of_turn()

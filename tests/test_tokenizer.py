@@ -48,7 +48,8 @@ def test_tiktoken_round_trip_and_llama3_chat_template(tiktoken_file):
     start_header, end_header, eot = 261 + 6, 261 + 7, 261 + 9
     assert ids[1] == start_header and end_header in ids and eot in ids
     assert tok.decode(ids).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
-    assert eot in tok.stop_ids()
+    assert eot in tok.stop_ids() and tok.end_of_turn() == [eot]
+    assert tok.encode_chat("hello", first_turn=False) == ids[1:]  # later turns do not repeat <|begin_of_text|>
 
 
 def test_bad_tokenizer_files_are_clear_errors(tmp_path):
