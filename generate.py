@@ -72,7 +72,7 @@ def decode_n_tokens(
     new_tokens, new_probs = [], []
     done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     for _ in range(num_new_tokens):
-        with sdpa_kernel(SDPBackend.MATH):  # lets inductor fuse decode attention instead of calling a kernel per layer
+        with sdpa_kernel(SDPBackend.MATH):  # decomposed attention for inductor to fuse (as gpt-fast; no change measured on H100)
             next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
         input_pos += 1
         new_tokens.append(next_token.clone())  # CUDA-graph outputs are overwritten by the next replay
@@ -632,7 +632,9 @@ def run(args, rank):
 
 
 def save_compile_cache(path: Optional[Path]) -> None:
-    artifacts = torch.compiler.save_cache_artifacts() if path is not None else None
+    if path is None:
+        return
+    artifacts = torch.compiler.save_cache_artifacts()  # None when nothing was compiled
     if artifacts is not None:
         path.write_bytes(artifacts[0])
 

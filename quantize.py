@@ -113,10 +113,10 @@ if triton is not None:
 
 def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
     """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; config fixes the tile (tests)."""
-    M, K = x.shape
-    y = torch.empty(M, w.shape[0], dtype=x.dtype, device=x.device)
+    (M, K), N = x.shape, w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     kernel = int8_gemv_kernel if config else torch.library.wrap_triton(int8_gemv_tuned)
-    kernel[lambda meta: (M, triton.cdiv(w.shape[0], meta["BLOCK_N"]))](x, w, scales, y, w.shape[0], K, **config)
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, **config)
     return y
 
 
@@ -281,7 +281,7 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
             m.use_triton = cuda_triton
         elif isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
             kernel = "tinygemm" if device.type == "cuda" else "cpu"
-            if kernel in ("tinygemm", "cpu") and (not int4_fits(m.in_features, m.groupsize) or m.out_features % 16):  # torch's packing needs N % 16
+            if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16
                 kernel = "reference"
             m.kernel = kernel
             if kernel == "tinygemm":
