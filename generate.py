@@ -380,7 +380,7 @@ def parse_args(argv=None):
     p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
     p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass")
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
-    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill, with dynamic shapes")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes); works with or without --compile")
     p.add_argument("--compile_cache", type=Path, default=None, help="file of compiled artifacts: loaded if present, written after compiling")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu")
     p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="weights/activations dtype; default bf16 on GPU, fp32 on CPU")
@@ -393,6 +393,9 @@ def parse_args(argv=None):
     p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
     p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token")
+    p.add_argument(
+        "--tp_all_reduce", choices=["nccl", "one_shot"], default="nccl", help="under torchrun with --compile on GPUs: NCCL, or one-shot symmetric memory"
+    )
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
     args = p.parse_args(argv)
@@ -488,15 +491,16 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
 def compile_steps(args, fused_kernels_ok: bool):
     """The step functions, compiled when asked: decode with CUDA graphs, prefill with dynamic shapes."""
     steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
-    if not args.compile:
+    if not (args.compile or args.compile_prefill):
         return steps
     import torch._inductor.config as inductor_config
 
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
-    steps["decode_fn"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-    if args.speculate:
+    if args.compile:
+        steps["decode_fn"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    if args.compile and args.speculate:
         steps["verify_fn"] = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
     if args.compile_prefill:
         steps["prefill_fn"] = torch.compile(prefill, fullgraph=fused_kernels_ok, dynamic=True)
@@ -607,8 +611,13 @@ def run(args, rank):
     tokenizer = load_tokenizer(args, model.config.vocab_size)
     prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
     check_fits(args, model, prompt.numel(), device)
+    if use_tp and args.compile and device.type == "cuda" and args.tp_all_reduce == "one_shot":
+        import tp
+
+        tp.use_one_shot_all_reduce()
     steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts)
-    if args.compile and args.compile_cache is not None and args.compile_cache.is_file():
+    compiling = args.compile or args.compile_prefill
+    if compiling and args.compile_cache is not None and args.compile_cache.is_file():
         torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
@@ -617,7 +626,7 @@ def run(args, rank):
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    for i in range(-1 if args.compile else 0, args.num_samples):  # sample -1 compiles and is not counted
+    for i in range(-1 if compiling else 0, args.num_samples):  # sample -1 compiles and is not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
