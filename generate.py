@@ -135,7 +135,7 @@ def speculative_decode(
     if rejected.numel() == 0:
         last = multinomial_sample_one_no_sync(target_probs[-1])
         if draft_model is not None:  # the draft has not seen its own last token yet
-            verify(draft_model, draft_tokens[-1].view(1, -1), torch.tensor([input_pos + k], device=device))
+            decode(draft_model, draft_tokens[-1].view(1, -1), torch.tensor([input_pos + k], device=device), **sampling_kwargs)
         return torch.cat([draft_tokens, last.view(1)])
     n = int(rejected[0, 0])
     draft_dist = draft_probs[n] if draft_probs is not None else torch.nn.functional.one_hot(draft_tokens[n].long(), target_probs.size(-1)).float()
@@ -209,16 +209,20 @@ def generate(
     accept_counts = [0] * (speculate_k + 1)
     history = seq[0, : T + 1].cpu()  # the n-gram lookup searches prompt + output on the host
     while n < max_new_tokens:
-        k = min(speculate_k, max_new_tokens - n - 1)
+        # always k proposals (one compiled verify shape); fewer only where the cache ends
+        k = min(speculate_k, model.max_seq_length - (T + n))
         proposal = ngram_proposal(history, k) if speculate == "ngram" else None
         if k == 0 or (proposal is not None and proposal.numel() == 0):
             new, _ = decode_fn(model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device), **sampling_kwargs)
             new = new.view(1).clone()
             if draft_model is not None:  # keep the draft's cache in step
-                verify_fn(draft_model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device))
+                decode_fn(draft_model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device), **sampling_kwargs)
         else:
+            if proposal is not None and proposal.numel() < k:  # a match near the end: pad; exactness holds for any proposal
+                proposal = torch.cat([proposal, proposal[-1:].expand(k - proposal.numel())])
             new = speculative_decode(model, draft_model, seq[0, T + n - 1], T + n - 1, k, proposal, decode_fn, verify_fn, **sampling_kwargs)
         accept_counts[len(new) - 1] += 1
+        new = new[: max_new_tokens - n]  # a full step can overshoot max_new_tokens
         hit = torch.isin(new, stop).nonzero() if stop is not None else new[:0]
         if hit.numel():
             new = new[: int(hit[0]) + 1]  # cut after the first stop token

@@ -176,7 +176,7 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
-        max_seq_length = find_multiple(max_seq_length, 8)  # aligned rows keep the attention kernels vectorised
+        max_seq_length = find_multiple(max_seq_length, 64)  # aligned rows; nearby lengths share one compiled decode graph
         max_seq_length = min(max_seq_length, self.config.block_size)
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # norms are never quantized

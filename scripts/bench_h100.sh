@@ -1,27 +1,42 @@
 #!/usr/bin/env bash
-# The README's single-GPU figures (Llama-2-7B shape, random weights): bf16 cold / warm / artifact start,
-# a decode profile per precision, and time to first token for a 2048-token prompt.
+# The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
+#   cold warm artifacts profile ttft spec_ngram spec_draft
+# e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
 out="${OUT:-bench_out}"
 mkdir -p "$out"
-G="python3 generate.py --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos"
+G="python3 generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
+TOK="${TOK:-tokenizer.model}"  # the Llama 2 tokenizer, for the text prompt of spec_ngram
+REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-rm -rf /tmp/ind_a /tmp/ind_b /tmp/cc_bf16.bin
-# cold: empty inductor cache; writes the compile artifacts
-TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a $G --compile --num_samples 3 --compile_cache /tmp/cc_bf16.bin >"$out/bf16_cold.txt" 2>&1
-# warm: same machine, same cache; the last sample is profiled
-TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a $G --compile --num_samples 2 --profile /tmp/bf16 >"$out/bf16_warm.txt" 2>&1
-python3 scripts/trace_summary.py /tmp/bf16.json --steps 199 >"$out/bf16_kernels.txt" 2>&1
-# a new cache directory, as on a fresh machine, with only the artifact file
-TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b $G --compile --num_samples 1 --compile_cache /tmp/cc_bf16.bin >"$out/bf16_artifacts.txt" 2>&1
-for q in ${QUANT:-int8}; do
-  TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a $G --compile --quantize "$q" --num_samples 2 --profile "/tmp/$q" >"$out/${q}_profile.txt" 2>&1
-  python3 scripts/trace_summary.py "/tmp/$q.json" --steps 199 >"$out/${q}_kernels.txt" 2>&1
+for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; do
+  case $stage in
+  cold)  # empty inductor cache; writes the compile artifacts
+    rm -rf /tmp/ind_a "$out/cc_bf16.bin"
+    $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
+  warm)  # same machine, same cache; where the start-up time goes
+    python3 -m cProfile -o /tmp/warm.prof generate.py --random_init 7B --max_new_tokens 200 --ignore_eos --prompt 16 --compile --num_samples 1 >"$out/bf16_warm.txt" 2>&1
+    python3 -c 'import pstats; pstats.Stats("/tmp/warm.prof").sort_stats("cumtime").print_stats(60)' >"$out/warm_cprofile.txt" 2>&1 ;;
+  artifacts)  # a new cache directory, as on a fresh machine, with only the artifact file
+    TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b $G --prompt 16 --compile --num_samples 1 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_artifacts.txt" 2>&1 ;;
+  profile)
+    for q in bf16 int8 int4; do
+      qa=$([ $q = bf16 ] || echo "--quantize $q")
+      $G --prompt 16 --compile $qa --num_samples 2 --profile "/tmp/$q" >"$out/${q}_profile.txt" 2>&1
+      python3 scripts/trace_summary.py "/tmp/$q.json" --steps 199 >"$out/${q}_kernels.txt" 2>&1
+    done ;;
+  ttft)  # 2040-token prompt (+8 new = the 2048 context): eager prefill (flash SDPA), then compiled (dynamic shapes)
+    P="python3 generate.py --random_init 7B --prompt 2040 --max_new_tokens 8 --ignore_eos --num_samples 3"
+    $P >"$out/ttft_eager.txt" 2>&1
+    $P --compile_prefill >"$out/ttft_compiled.txt" 2>&1 ;;
+  spec_ngram)  # greedy, a prompt that repeats a passage: plain decoding, then n-gram lookup
+    $G --compile --temperature 0 --num_samples 3 --tokenizer_path "$TOK" --prompt "$REPEAT" >"$out/spec_plain.txt" 2>&1
+    $G --compile --temperature 0 --num_samples 3 --tokenizer_path "$TOK" --prompt "$REPEAT" --speculate ngram >"$out/spec_ngram.txt" 2>&1 ;;
+  spec_draft)  # greedy, bf16 target with its own int4 version as the draft
+    $G --prompt 16 --compile --temperature 0 --num_samples 3 >"$out/spec_plain16.txt" 2>&1
+    $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
+  esac
+  echo "stage $stage done at $(date +%T)"
 done
-# time to first token, 2048-token prompt: eager prefill (flash SDPA), then compiled prefill (dynamic shapes)
-P="python3 generate.py --random_init 7B --prompt 2048 --max_new_tokens 8 --ignore_eos --num_samples 3"
-$P >"$out/ttft_eager.txt" 2>&1
-TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a $P --compile_prefill >"$out/ttft_compiled.txt" 2>&1
-grep -H -E "Compilation|Average decode|Average time to first|achieved|Error|error" "$out"/*.txt
-head -n 4 "$out"/*_kernels.txt
+grep -H -E "Compilation|Average decode|Average time to first|achieved|acceptance|^error" "$out"/*.txt
