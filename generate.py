@@ -630,12 +630,13 @@ def run(args, rank):
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    for i in range(-1 if compiling else 0, args.num_samples):  # sample -1 compiles and is not counted
+    warm_up = compiling or device.type == "cuda"  # first-run costs (compiling, library handles) stay out of the figures
+    for i in range(-1 if warm_up else 0, args.num_samples):  # sample -1 is the warm-up, not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
         if i < 0:
-            print(f"Compilation and warm-up: {stats['total']:.2f} s")
+            print(f"{'Compilation and warm-up' if compiling else 'Warm-up'}: {stats['total']:.2f} s")
             save_compile_cache(args.compile_cache)
             continue
         if tokenizer is not None:

@@ -1,17 +1,22 @@
 #!/usr/bin/env bash
-# The README's tensor-parallel, Mixtral and speculative-decoding figures, on a machine with 2 GPUs:
-# first Llama-2-7B over both GPUs, then two single-GPU jobs side by side.
+# The README's tensor-parallel and Mixtral figures, on a machine with 2 GPUs (Llama-2-7B shape, random weights):
+# 1 GPU and Mixtral int8 side by side (one GPU each), then 2 GPUs with one-shot and with NCCL all-reduces.
 set -u
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1  # no NVLink multicast
 out="${OUT:-bench_out}"
+budget="${BUDGET_S:-590}"  # stop in time for the outputs to come back
 mkdir -p "$out"
-torchrun --standalone --nproc_per_node=2 generate.py --random_init 7B --prompt 16 --max_new_tokens 200 --num_samples 3 --compile >"$out/tp2.txt" 2>&1
-tail -n 5 "$out/tp2.txt"
-(
-  CUDA_VISIBLE_DEVICES=0 python3 bench.py --random_init 7B --precisions bf16 --num_samples 3 --json "$out/tp1.json" >"$out/tp1.txt" 2>&1
-  CUDA_VISIBLE_DEVICES=0 python3 bench.py --random_init Mixtral-8x7B-v0.1 --precisions int8 --num_samples 2 --json "$out/mixtral.json" >"$out/mixtral.txt" 2>&1
-) &
-CUDA_VISIBLE_DEVICES=1 python3 bench.py --random_init 7B --precisions bf16 --speculate ngram draft-int4 --num_samples 2 \
-  --json "$out/spec.json" >"$out/spec.txt" 2>&1 &
+G="generate.py --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos --compile --num_samples 3"
+nvidia-smi topo -m >"$out/topo.txt" 2>&1
+CUDA_VISIBLE_DEVICES=0 timeout 330 python3 $G >"$out/tp1.txt" 2>&1 &
+CUDA_VISIBLE_DEVICES=1 timeout 330 python3 generate.py --random_init Mixtral-8x7B-v0.1 --quantize int8 --prompt 16 --max_new_tokens 200 \
+  --ignore_eos --compile --num_samples 2 >"$out/mixtral_int8.txt" 2>&1 &
 wait
-for f in tp1 mixtral spec; do tail -n 5 "$out/$f.txt"; done
+echo "1-GPU jobs done at ${SECONDS}s"
+for ar in one_shot nccl; do
+  left=$((budget - SECONDS))
+  [ "$left" -gt 60 ] || break
+  timeout "$left" torchrun --standalone --nproc_per_node=2 $G --tp_all_reduce $ar >"$out/tp2_$ar.txt" 2>&1
+  echo "tp2 $ar done at ${SECONDS}s"
+done
+grep -H -E "Compilation|Average decode|achieved|^error|Error" "$out"/*.txt | cut -c1-300
