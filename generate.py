@@ -400,9 +400,6 @@ def parse_args(argv=None):
     p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
     p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
     p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token")
-    p.add_argument(
-        "--tp_all_reduce", choices=["nccl", "one_shot"], default="nccl", help="under torchrun with --compile on GPUs: NCCL, or one-shot symmetric memory"
-    )
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
     args = p.parse_args(argv)
@@ -595,11 +592,21 @@ def main(argv=None):
     import tp
 
     rank = tp.maybe_init_dist(args.device)
+    if rank is None:
+        return run(args, rank)
+    code = 0
     try:
         run(args, rank)
-    finally:
-        if rank is not None:  # without this, NCCL can hang the process at exit
-            torch.distributed.destroy_process_group()
+    except SystemExit as e:  # our one-line errors: print, then leave like any other exit
+        code = e.code if isinstance(e.code, int) else 1
+        if not isinstance(e.code, int):
+            print(e.code, file=sys.__stderr__)
+    if args.device == "cuda":  # NCCL work captured in CUDA graphs can hang the teardown: leave at once
+        sys.stdout.flush()
+        sys.__stdout__.flush()
+        os._exit(code)
+    torch.distributed.destroy_process_group()
+    sys.exit(code)
 
 
 def run(args, rank):
@@ -618,10 +625,6 @@ def run(args, rank):
     tokenizer = load_tokenizer(args, model.config.vocab_size)
     prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
     check_fits(args, model, prompt.numel(), device)
-    if use_tp and args.compile and device.type == "cuda" and args.tp_all_reduce == "one_shot":
-        import tp
-
-        tp.use_one_shot_all_reduce()
     steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts)
     compiling = args.compile or args.compile_prefill
     if compiling and args.compile_cache is not None and args.compile_cache.is_file():

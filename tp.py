@@ -64,23 +64,6 @@ def shard_linear(lin: nn.Module, style: str, rank: int, world: int, sizes=None) 
         lin.in_features = lin.weight.shape[1] * (2 if lin.weight.dtype == torch.uint8 else 1)
 
 
-def use_one_shot_all_reduce() -> None:
-    """Compiled all-reduces of small activations become one kernel that reads every peer's buffer over NVLink.
-
-    Inductor places each all-reduce input in symmetric memory and calls symm_mem.one_shot_all_reduce,
-    which at batch 1 (8 KB per all-reduce) has a fraction of NCCL's latency. Needs CUDA peer access.
-    """
-    import warnings
-
-    import torch._inductor.config as inductor_config
-    from torch.distributed import _symmetric_memory as symm_mem
-
-    inductor_config._collective.auto_select = True
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # newer torch enables it by itself
-        symm_mem.enable_symm_mem_for_group(dist.group.WORLD.group_name)
-
-
 def all_reduce_output(_module, _inputs, output: Tensor) -> Tensor:
     return funcol.all_reduce(output, "sum", dist.group.WORLD)
 

@@ -35,7 +35,8 @@ def main(argv=None):
         s = summarize(kernel_events(json.load(f)))
     if not s["launches"]:
         raise SystemExit(f"error: no GPU kernels in {a.trace}: was it profiled on a GPU?")
-    print(f"{s['launches']} kernel launches, GPU busy {s['busy_us'] / 1e3:.2f} ms of a {s['span_us'] / 1e3:.2f} ms span ({100 * s['busy_us'] / s['span_us']:.1f}%)")
+    busy, span = s["busy_us"], s["span_us"]
+    print(f"{s['launches']} kernel launches, GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span ({100 * busy / span:.1f}%)")
     if a.steps:
         print(f"per decode step: {s['launches'] / a.steps:.1f} launches, {s['busy_us'] / a.steps:.1f} us busy, {s['span_us'] / a.steps:.1f} us span")
     print("| launches | total us | mean us | % busy | kernel |\n|---|---|---|---|---|")
