@@ -109,6 +109,31 @@ def test_greedy_ngram_speculation_equals_plain_greedy(target):
     assert sum(stats["accept_counts"]) < 29, "steps should accept more than one token on average"
 
 
+def test_speculative_steps_verify_a_fixed_k_and_stop_at_max_new_tokens(target):
+    """Every verification sees k+1 tokens (one compiled shape, no recompiles), and the output is cut at max_new_tokens."""
+    prompt = prompt_ids()
+    widths = []
+
+    def verify(model, x, input_pos):
+        widths.append(x.shape[1])
+        return generate.model_forward(model, x, input_pos)
+
+    spec, _ = gen(target, prompt, 23, draft_model=target, speculate="draft", speculate_k=4, temperature=0, verify_fn=verify)
+    assert spec.tolist() == gen(target, prompt, 23, temperature=0)[0].tolist()  # 1 + 5 x 5 = 26 would overshoot 23
+    assert set(widths) == {5}
+
+
+def test_gb_per_token_counts_only_the_activated_experts():
+    dense = random_transformer(tiny_args(), seed=0)
+    moe = random_transformer(tiny_args(num_experts=4, num_activated_experts=2), seed=0)
+    expert_bytes = sum(p.numel() * 4 for n, p in moe.named_parameters() if ".cond_ffn." in n)
+    gate_bytes = sum(p.numel() * 4 for n, p in moe.named_parameters() if n.endswith(".gate.weight"))
+    ffn_bytes = sum(p.numel() * 4 for n, p in dense.named_parameters() if ".feed_forward." in n)
+    assert expert_bytes == 4 * ffn_bytes  # sanity: 4 experts of the dense FFN's shape
+    expected = generate.weight_bytes_per_token(dense) - ffn_bytes + expert_bytes // 2 + gate_bytes
+    assert generate.weight_bytes_per_token(moe) == expected
+
+
 def test_ngram_proposal_finds_the_latest_longest_match():
     t = torch.tensor([5, 1, 2, 9, 9, 1, 2, 7, 8, 3, 1, 2])
     assert ngram_proposal(t, 2).tolist() == [7, 8]  # latest earlier "1 2" is followed by 7 8
