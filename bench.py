@@ -27,6 +27,8 @@ PATTERNS = {
 
 def parse(out: str) -> dict:
     row = {k: float(m[-1]) for k, p in PATTERNS.items() if (m := re.findall(p, out))}
+    if row.get("tok_s"):
+        row["ms_token"] = 1e3 / row["tok_s"]  # per-token decode latency, apart from the time to first token
     mem = re.findall(r"memory ([\d.]+) GB", out)
     if mem:
         row["memory_gb"] = max(float(x) for x in mem)
@@ -66,8 +68,12 @@ def command(a, s: dict) -> list[str]:
 
 
 def table(rows: list[dict]) -> str:
-    cols = ["precision", "compile", "speculate", "batch_size", "prompt_len", "tok_s", "ttft_ms", "gb_s", "pct", "card_gb_s", "compile_s", "memory_gb"]
-    names = ["precision", "compile", "speculate", "batch", "prompt", "tokens/s", "TTFT ms", "GB/s", "% of read BW", "card read GB/s", "compile s", "memory GB"]
+    columns = {
+        "precision": "precision", "compile": "compile", "speculate": "speculate", "batch_size": "batch", "prompt_len": "prompt",
+        "tok_s": "tokens/s", "ms_token": "ms/token", "ttft_ms": "TTFT ms", "gb_s": "GB/s", "pct": "% of read BW",
+        "card_gb_s": "card read GB/s", "compile_s": "compile s", "memory_gb": "memory GB",
+    }  # fmt: skip
+    cols, names = list(columns), list(columns.values())
     lines = ["| " + " | ".join(names) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         cells = [r.get(c, "error" if c == "tok_s" else "") for c in cols]

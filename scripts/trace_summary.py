@@ -31,8 +31,11 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None, help="decode steps in the trace (max_new_tokens - 1), for per-step figures")
     p.add_argument("--top", type=int, default=30, help="kernels to list, by total time")
     a = p.parse_args(argv)
-    with open(a.trace) as f:
-        s = summarize(kernel_events(json.load(f)))
+    try:
+        with open(a.trace) as f:
+            s = summarize(kernel_events(json.load(f)))
+    except (OSError, json.JSONDecodeError) as e:
+        raise SystemExit(f"error: cannot read trace {a.trace}: {e}") from None
     if not s["launches"]:
         raise SystemExit(f"error: no GPU kernels in {a.trace}: was it profiled on a GPU?")
     busy, span = s["busy_us"], s["span_us"]

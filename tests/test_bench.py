@@ -18,7 +18,8 @@ Measured read bandwidth of this card: 3000 GB/s; achieved 77.2%
 
 def test_parse_reads_every_figure():
     row = bench.parse(SAMPLE_OUTPUT)
-    assert row == dict(tok_s=175.0, ttft_ms=39.0, gb_s=2315.0, card_gb_s=3000.0, pct=77.2, compile_s=95.2, load_s=1.5, memory_gb=13.9)
+    expected = dict(tok_s=175.0, ms_token=1e3 / 175.0, ttft_ms=39.0, gb_s=2315.0, card_gb_s=3000.0, pct=77.2, compile_s=95.2, load_s=1.5, memory_gb=13.9)
+    assert row == pytest.approx(expected)
 
 
 def test_matrix_skips_speculation_at_batch_above_one():

@@ -28,3 +28,9 @@ def test_a_trace_without_gpu_kernels_is_a_one_line_error(tmp_path):
     out = subprocess.run([sys.executable, str(ROOT / "scripts/trace_summary.py"), str(trace)], capture_output=True, text=True)
     assert out.returncode == 1
     assert out.stderr.strip().startswith("error: no GPU kernels") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_missing_trace_is_a_one_line_error(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "scripts/trace_summary.py"), str(tmp_path / "nope.json")], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert out.stderr.startswith("error: cannot read trace") and len(out.stderr.strip().splitlines()) == 1
