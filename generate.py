@@ -170,6 +170,10 @@ def generate(
     device = prompt.device
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
+    if T < 1:
+        raise ValueError("the prompt is empty: generation needs at least one token")
+    if speculate is not None and speculate_k < 1:
+        raise ValueError(f"speculate_k={speculate_k} must be at least 1")
     if speculate is not None and batch_size != 1:
         raise ValueError(f"speculative decoding runs at batch size 1, got batch_size={batch_size}")
     if speculate == "draft" and draft_model is None:
@@ -405,7 +409,20 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
+    check_sampling_args(args)
     return args
+
+
+def check_sampling_args(args) -> None:
+    """Refuse, before loading anything, sampling settings that have no meaning."""
+    if args.temperature < 0:
+        raise SystemExit(f"error: --temperature {args.temperature} is negative: use 0 for greedy or a positive value")
+    if args.top_k < 0:
+        raise SystemExit(f"error: --top_k {args.top_k} is negative: use 0 to turn it off")
+    if not 0 < args.top_p <= 1:
+        raise SystemExit(f"error: --top_p {args.top_p} is outside (0, 1]: use 1 to turn it off")
+    if args.speculate and args.speculate_k < 1:
+        raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
@@ -470,6 +487,8 @@ def encode_prompt(args, tokenizer, vocab_size: int, device) -> Tensor:
 def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
     """Refuse, before any work, what cannot fit the context or the memory."""
     cfg = model.config
+    if prompt_len < 1:
+        raise SystemExit("error: the prompt is empty: pass some text or a token count of at least 1")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
         raise SystemExit("error: --max_new_tokens, --batch_size and --num_samples must be at least 1")
     if args.speculate and args.batch_size != 1:

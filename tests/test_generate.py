@@ -245,6 +245,11 @@ def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     (tmp_path / "model_config.json").write_bytes((checkpoint.parent / "model_config.json").read_bytes())
     assert "corrupt, truncated" in cli_error(capsys, "--checkpoint_path", truncated, *tok)
+    assert "the prompt is empty" in cli_error(capsys, "--checkpoint_path", checkpoint, *tok, "--prompt", "0")
+    assert "--temperature -1.0 is negative" in cli_error(capsys, "--checkpoint_path", checkpoint, "--temperature", "-1")
+    assert "--top_k -3 is negative" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_k", "-3")
+    assert "--top_p 0.0 is outside" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_p", "0")
+    assert "--speculate_k -2 must be at least 1" in cli_error(capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2")
 
 
 class Boom:
