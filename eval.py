@@ -139,8 +139,10 @@ def main(argv=None):
         model = load_model(a.checkpoint_path, device, resolve_precision(a.precision, device))
         tokenizer = get_tokenizer(a.tokenizer_path or a.checkpoint_path.parent / "tokenizer.model")
         seq_len = min(a.seq_len, model.config.block_size)
+        if seq_len < 2:
+            raise ValueError(f"--seq_len {a.seq_len} must be at least 2 (one token of context, one scored)")
         if not 0 < a.stride <= seq_len:
-            raise ValueError(f"--stride {a.stride} must be in 1..{seq_len}")
+            raise ValueError(f"--stride {a.stride} must be in 1..{seq_len} (--seq_len, capped at the model's context {model.config.block_size})")
         if a.text_file is not None:
             ppl, n = perplexity(model, tokenizer, a.text_file.read_text(encoding="utf-8"), seq_len, a.stride, device)
             print(f"perplexity {ppl:.4f} over {n} tokens ({a.text_file})")

@@ -87,6 +87,7 @@ def test_cli_perplexity_and_errors(capsys, tmp_path, llama2_tokenizer_path):
         (["--text_file", str(tmp_path / "no.txt")], "text file not found"),
         ([], "pass --text_file"),
         (["--text_file", str(text), "--stride", "0"], "--stride 0"),
+        (["--text_file", str(text), "--seq_len", "0"], "--seq_len 0 must be at least 2"),
     ):
         with pytest.raises(SystemExit) as e:
             ev.main([*base, *extra])
