@@ -18,12 +18,16 @@ from tokenizer import get_tokenizer
 
 
 @torch.no_grad()
+def window_logits(model, ids: list[int], device) -> Tensor:
+    """Next-token logits after each prefix of ids, in one forward from position 0 -> [len(ids), V] float32."""
+    model.setup_caches(1, len(ids))
+    return model(torch.tensor([ids], dtype=torch.int, device=device), torch.arange(len(ids), device=device))[0].float()
+
+
 def token_logprobs(model, ids: list[int], device) -> Tensor:
     """log p(ids[i] | ids[:i]) for i >= 1, in one forward -> [len(ids) - 1]."""
-    x = torch.tensor([ids], dtype=torch.int, device=device)
-    model.setup_caches(1, len(ids))
-    logits = model(x, torch.arange(len(ids), device=device))[0, :-1].float()  # [S-1, V]
-    return -F.cross_entropy(logits, x[0, 1:].long(), reduction="none")
+    logits = window_logits(model, ids, device)[:-1]  # [S-1, V]
+    return -F.cross_entropy(logits, torch.tensor(ids[1:], device=device), reduction="none")
 
 
 def rolling_windows(n_tokens: int, seq_len: int, stride: int):
@@ -71,10 +75,7 @@ class GPTFastLM:
             ctx = self.tokenizer.encode(context)
             cont = self.tokenizer.encode(context + continuation)[len(ctx) :] or self.tokenizer.encode(continuation, bos=False)
             ids = (ctx + cont)[-self.seq_len :]
-            x = torch.tensor([ids], dtype=torch.int, device=self.device)
-            self.model.setup_caches(1, len(ids))
-            with torch.no_grad():
-                logits = self.model(x, torch.arange(len(ids), device=self.device))[0, -len(cont) - 1 : -1].float()  # [C, V]
+            logits = window_logits(self.model, ids, self.device)[-len(cont) - 1 : -1]  # [C, V]
             target = torch.tensor(cont, device=self.device)
             logprob = torch.log_softmax(logits, dim=-1).gather(-1, target[:, None]).sum()
             out.append((float(logprob), bool((logits.argmax(-1) == target).all())))
@@ -86,14 +87,14 @@ class GPTFastLM:
     def generate_until(self, requests) -> list[str]:
         from generate import generate
 
-        out = []
+        out, stop_ids = [], self.tokenizer.stop_ids()
         for req in requests:
             context, kwargs = req.args
             until = kwargs.get("until") or []
             prompt = torch.tensor(self.tokenizer.encode(context), dtype=torch.int, device=self.device)
             n = min(kwargs.get("max_gen_toks", self.max_gen_tokens), self.seq_len - prompt.numel())
-            y, _ = generate(self.model, prompt, n, temperature=0, stop_ids=self.tokenizer.stop_ids())
-            text = self.tokenizer.decode([t for t in y[0, prompt.numel() :].tolist() if t not in self.tokenizer.stop_ids()])
+            y, _ = generate(self.model, prompt, n, temperature=0, stop_ids=stop_ids)
+            text = self.tokenizer.decode([t for t in y[0, prompt.numel() :].tolist() if t not in stop_ids])
             for stop in until:
                 text = text.split(stop)[0]
             out.append(text)

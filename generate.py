@@ -217,10 +217,11 @@ def generate(
         k = min(speculate_k, model.max_seq_length - (T + n))
         proposal = ngram_proposal(history, k) if speculate == "ngram" else None
         if k == 0 or (proposal is not None and proposal.numel() == 0):
-            new, _ = decode_fn(model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device), **sampling_kwargs)
+            x, pos = seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device)
+            new, _ = decode_fn(model, x, pos, **sampling_kwargs)
             new = new.view(1).clone()
             if draft_model is not None:  # keep the draft's cache in step
-                decode_fn(draft_model, seq[:, T + n - 1 : T + n], torch.tensor([T + n - 1], device=device), **sampling_kwargs)
+                decode_fn(draft_model, x, pos, **sampling_kwargs)
         else:
             if proposal is not None and proposal.numel() < k:  # a match near the end: pad; exactness holds for any proposal
                 proposal = torch.cat([proposal, proposal[-1:].expand(k - proposal.numel())])

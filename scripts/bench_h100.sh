@@ -6,7 +6,8 @@ set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
 out="${OUT:-bench_out}"
 mkdir -p "$out"
-G="python3 generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
+GA="generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
+G="python3 $GA"
 TOK="${TOK:-tokenizer.model}"  # the Llama 2 tokenizer, for the text prompt of spec_ngram
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
@@ -16,7 +17,7 @@ for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; 
     rm -rf /tmp/ind_a "$out/cc_bf16.bin"
     $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
   warm)  # same machine, same cache; where the start-up time goes
-    python3 -m cProfile -o /tmp/warm.prof generate.py --random_init 7B --max_new_tokens 200 --ignore_eos --prompt 16 --compile --num_samples 1 >"$out/bf16_warm.txt" 2>&1
+    python3 -m cProfile -o /tmp/warm.prof $GA --prompt 16 --compile --num_samples 1 >"$out/bf16_warm.txt" 2>&1
     python3 -c 'import pstats; pstats.Stats("/tmp/warm.prof").sort_stats("cumtime").print_stats(60)' >"$out/warm_cprofile.txt" 2>&1 ;;
   artifacts)  # a new cache directory, as on a fresh machine, with only the artifact file
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b $G --prompt 16 --compile --num_samples 1 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_artifacts.txt" 2>&1 ;;
