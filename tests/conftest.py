@@ -50,5 +50,12 @@ def save_checkpoint(model: Transformer, folder: Path, name: str = "model.pth") -
     return folder / name
 
 
+def full_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    """Logits [B, S, V] of one forward over idx [B, S] from position 0 (fresh or large-enough caches)."""
+    model.setup_caches(idx.shape[0], idx.shape[1])
+    with torch.no_grad():
+        return model(idx, torch.arange(idx.shape[1]))
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())

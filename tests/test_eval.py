@@ -3,7 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import random_transformer, save_checkpoint, tiny_args
+from conftest import full_logits, random_transformer, save_checkpoint, tiny_args
 
 import eval as ev
 from tokenizer import get_tokenizer
@@ -40,9 +40,7 @@ def test_uniform_model_has_perplexity_equal_to_the_vocabulary(model, tok):
 
 def test_perplexity_in_one_window_equals_a_direct_computation(model, tok):
     ids = tok.encode(TEXT)[:100]
-    model.setup_caches(1, 100)
-    with torch.no_grad():
-        logits = model(torch.tensor([ids]), torch.arange(100))[0, :-1]
+    logits = full_logits(model, torch.tensor([ids]))[0, :-1]
     direct = math.exp(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:])).item())
     ppl, _ = ev.perplexity(model, tok, tok.decode(ids[1:]), 128, 64, "cpu")
     assert ppl == pytest.approx(direct, rel=1e-4)

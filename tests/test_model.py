@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import random_transformer, rel_err, tiny_args
+from conftest import full_logits, random_transformer, rel_err, tiny_args
 from convert_hf_checkpoint import convert_state_dict
 
 from model import ModelArgs, Transformer
@@ -56,12 +56,6 @@ def ours_from_hf(model, cfg_dict) -> Transformer:
     return ours.eval()
 
 
-def our_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
-    model.setup_caches(idx.shape[0], idx.shape[1])
-    with torch.no_grad():
-        return model(idx, torch.arange(idx.shape[1]))
-
-
 @pytest.mark.parametrize("kind", [*HF_CONFIGS, "mixtral"])
 def test_logits_match_transformers(kind):
     hf, cfg = hf_model(kind)
@@ -69,7 +63,7 @@ def test_logits_match_transformers(kind):
     idx = torch.randint(0, 320, (2, 200), generator=torch.Generator().manual_seed(1))  # 200 > 64: past the llama3 rope threshold
     with torch.no_grad():
         ref = hf(idx).logits
-    assert rel_err(our_logits(ours, idx), ref) < 1e-4
+    assert rel_err(full_logits(ours, idx), ref) < 1e-4
 
 
 def test_rope_scaling_changes_logits():
@@ -77,17 +71,17 @@ def test_rope_scaling_changes_logits():
     hf, cfg = hf_model("llama3.1-rope-scaling")
     ours = ours_from_hf(hf, cfg)
     idx = torch.randint(0, 320, (1, 200), generator=torch.Generator().manual_seed(1))
-    scaled = our_logits(ours, idx)
+    scaled = full_logits(ours, idx)
     ours.config.rope_scaling = None
     ours.max_seq_length = -1  # rebuild the RoPE table without scaling
-    assert rel_err(our_logits(ours, idx), scaled) > 1e-3
+    assert rel_err(full_logits(ours, idx), scaled) > 1e-3
 
 
 @pytest.mark.parametrize("overrides", [{}, dict(num_experts=4, num_activated_experts=2)], ids=["llama", "moe"])
 def test_kv_cache_decode_equals_full_forward(overrides):
     model = random_transformer(tiny_args(**overrides))
     idx = torch.randint(0, 32000, (2, 40), generator=torch.Generator().manual_seed(0))  # batch 2
-    full = our_logits(model, idx)
+    full = full_logits(model, idx)
     model.setup_caches(2, 64)
     with torch.no_grad():
         steps = [model(idx[:, :24], torch.arange(24), prefill=True)]  # prefill (causal path), then one token at a time

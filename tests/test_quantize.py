@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, random_transformer, rel_err, save_checkpoint, tiny_args
+from conftest import ROOT, full_logits, random_transformer, rel_err, save_checkpoint, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -79,12 +79,6 @@ def model_pair():
     return args, random_transformer(args, seed=0)
 
 
-def logits(model, idx):
-    model.setup_caches(idx.shape[0], idx.shape[1])
-    with torch.no_grad():
-        return model(idx, torch.arange(idx.shape[1]))
-
-
 @pytest.mark.parametrize("mode, groupsize, bound", [("int8", 32, 0.012), ("int4", 32, 0.10), ("int4", 128, 0.13)])
 def test_quantized_linear_error_matches_its_step_size(mode, groupsize, bound):
     """Rounding noise is uniform in +-step/2, std step/sqrt(12). For Gaussian weights the int8 step is
@@ -103,8 +97,8 @@ def test_quantized_model_logits_stay_close(model_pair, mode, groupsize, bound):
     """About 3x the per-layer noise above: 2 blocks of 5 quantized matmuls, plus the output layer."""
     args, model = model_pair
     idx = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
-    ref = logits(model, idx)
-    qlogits = logits(q.quantize_model(random_transformer(args, seed=0), mode, groupsize, "cpu"), idx)
+    ref = full_logits(model, idx)
+    qlogits = full_logits(q.quantize_model(random_transformer(args, seed=0), mode, groupsize, "cpu"), idx)
     assert 1e-3 < rel_err(qlogits, ref) < bound
     if mode == "int8":
         assert (qlogits.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
@@ -123,17 +117,17 @@ def test_quantized_checkpoints_load_by_content_and_match(model_pair, tmp_path):
         kinds = {type(m).__name__ for m in loaded.modules()}
         assert ("WeightOnlyInt8Linear" if mode == "int8" else "WeightOnlyInt4Linear") in kinds
         ref = q.quantize_model(random_transformer(args, seed=0), mode, 64, "cpu")
-        assert rel_err(logits(loaded, idx), logits(ref, idx)) < 1e-2  # bf16 scales on disk
+        assert rel_err(full_logits(loaded, idx), full_logits(ref, idx)) < 1e-2  # bf16 scales on disk
 
 
 def test_mixtral_int8_experts(tmp_path):
     args = tiny_args(num_experts=4, num_activated_experts=2, vocab_size=500)
     model = random_transformer(args, seed=2)
     idx = torch.randint(0, 500, (1, 20), generator=torch.Generator().manual_seed(0))
-    ref = logits(model, idx)
+    ref = full_logits(model, idx)
     qm = q.quantize_model(random_transformer(args, seed=2), "int8", device="cpu")
     assert isinstance(qm.layers[0].block_sparse_moe.cond_ffn, q.ConditionalFeedForwardInt8)
-    assert 1e-4 < rel_err(logits(qm, idx), ref) < 0.02
+    assert 1e-4 < rel_err(full_logits(qm, idx), ref) < 0.02
 
 
 def test_gptq_beats_round_to_nearest_on_correlated_inputs():
@@ -155,7 +149,7 @@ def test_gptq_quantizes_a_whole_model(model_pair):
     idx = torch.randint(0, 1000, (1, 48), generator=torch.Generator().manual_seed(0))
     qm = q.quantize_model(random_transformer(args, seed=0), "int4-gptq", 32, "cpu", gptq_inputs=calib)
     assert all(not isinstance(m, torch.nn.Linear) for m in qm.modules())
-    assert 1e-3 < rel_err(logits(qm, idx), logits(model, idx)) < 0.4
+    assert 1e-3 < rel_err(full_logits(qm, idx), full_logits(model, idx)) < 0.4
 
 
 def test_group_size_errors_and_notes(capsys):

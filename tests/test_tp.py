@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import ROOT, random_transformer, rel_err, save_checkpoint, tiny_args
+from conftest import ROOT, full_logits, random_transformer, rel_err, save_checkpoint, tiny_args
 
 import quantize
 import tp
@@ -37,9 +37,7 @@ def worker(rank, world, path, dtype, idx, out):
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         model = load_model(path, "cpu", dtype, use_tp=True)
-        model.setup_caches(1, idx.shape[1])
-        with torch.no_grad():
-            logits = model(idx, torch.arange(idx.shape[1]))
+        logits = full_logits(model, idx)
         if rank == 0:
             torch.save(logits.float(), out)
     finally:
@@ -51,9 +49,7 @@ def test_two_processes_match_one(case, tmp_path):
     path, dtype = build(case, tmp_path)
     idx = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
     single = load_model(path, "cpu", dtype)
-    single.setup_caches(1, 24)
-    with torch.no_grad():
-        ref = single(idx, torch.arange(24)).float()
+    ref = full_logits(single, idx).float()
     os.environ["TP_TEST_PORT"] = str(29500 + (abs(hash(case)) % 1000))
     mp.spawn(worker, args=(2, path, dtype, idx, tmp_path / "out.pt"), nprocs=2, join=True)
     sharded = torch.load(tmp_path / "out.pt")
