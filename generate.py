@@ -662,13 +662,23 @@ def run(args, rank):
             torch.cuda.reset_peak_memory_stats()
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
         if i < 0:
-            print(f"{'Compilation and warm-up' if compiling else 'Warm-up'}: {stats['total']:.2f} s")
+            print(f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})" if compiling else f"Warm-up: {stats['total']:.2f} s")
             save_compile_cache(args.compile_cache)
             continue
         if tokenizer is not None:
             print(tokenizer.decode(y[0].tolist()))
         rows.append(report(i, stats, bytes_per_token, device, bandwidth))
     summarize(rows, bytes_per_token, bandwidth)
+
+
+def compile_cache_summary() -> str:
+    """What the caches saved at start-up: a warm start loads every graph and runs no tuning benchmarks."""
+    from torch._dynamo.utils import counters
+
+    c = counters["inductor"]
+    new = c["fxgraph_cache_miss"] + c["fxgraph_cache_bypass"]
+    kernels, tuning = c["async_compile_cache_miss"], c["coordesc_tuning_bench"]
+    return f"graphs: {c['fxgraph_cache_hit']} from cache, {new} compiled; Triton kernels compiled: {kernels}; tuning benchmarks: {tuning}"
 
 
 def save_compile_cache(path: Optional[Path]) -> None:

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   cold warm artifacts profile ttft spec_ngram spec_draft
+#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: warm_cprofile spec_draft_sampled)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
+export PYTHONPYCACHEPREFIX=/tmp/pyc  # bytecode for a read-only site-packages, as a normal pip install has
 out="${OUT:-bench_out}"
 mkdir -p "$out"
 GA="generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
@@ -12,12 +13,15 @@ TOK="${TOK:-tokenizer.model}"  # the Llama 2 tokenizer, for the text prompt of s
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; do
+  echo "stage $stage starts at $(date +%T)"
   case $stage in
   cold)  # empty inductor cache; writes the compile artifacts
     rm -rf /tmp/ind_a "$out/cc_bf16.bin"
     $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
-  warm)  # same machine, same cache; where the start-up time goes
-    python3 -m cProfile -o /tmp/warm.prof $GA --prompt 16 --compile --num_samples 1 >"$out/bf16_warm.txt" 2>&1
+  warm)  # same machine, same cache: the start-up time a user sees the second time
+    $G --prompt 16 --compile --num_samples 3 >"$out/bf16_warm.txt" 2>&1 ;;
+  warm_cprofile)  # where the warm start-up time goes
+    python3 -m cProfile -o /tmp/warm.prof $GA --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1
     python3 -c 'import pstats; pstats.Stats("/tmp/warm.prof").sort_stats("cumtime").print_stats(60)' >"$out/warm_cprofile.txt" 2>&1 ;;
   artifacts)  # a new cache directory, as on a fresh machine, with only the artifact file
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b $G --prompt 16 --compile --num_samples 1 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_artifacts.txt" 2>&1 ;;
@@ -37,7 +41,9 @@ for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; 
   spec_draft)  # greedy, bf16 target with its own int4 version as the draft
     $G --prompt 16 --compile --temperature 0 --num_samples 3 >"$out/spec_plain16.txt" 2>&1
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
+  spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
+    $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
   esac
   echo "stage $stage done at $(date +%T)"
 done
-grep -H -E "Compilation|Average decode|Average time to first|achieved|acceptance|^error" "$out"/*.txt
+grep -H -E "Loaded model|Compilation|Average decode|Average time to first|achieved|acceptance|^error" "$out"/*.txt

@@ -213,16 +213,19 @@ def test_cli_greedy_is_deterministic_and_matches_the_library(capsys, checkpoint,
     assert "decode" in out1 and "tokens/s" in out1
 
 
-def test_compiled_prefill_alone_gives_the_eager_tokens(checkpoint, llama2_tokenizer_path, tmp_path):
-    """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text."""
+def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_it(checkpoint, llama2_tokenizer_path, tmp_path):
+    """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text;
+    a second run with the same cache directory compiles nothing."""
     argv = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
     argv += ["--prompt", "Once upon a time", "--temperature", "0", "--max_new_tokens", "6", "--num_samples", "1", "--ignore_eos", "--device", "cpu"]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    outs = [subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600) for extra in ([], ["--compile_prefill"])]
-    assert all(o.returncode == 0 for o in outs), outs[1].stderr[-2000:]
+    outs = [subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600) for extra in ([], ["--compile_prefill"], ["--compile_prefill"])]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     texts = [[line for line in o.stdout.splitlines() if line.startswith("Once upon a time")] for o in outs]
-    assert texts[0] == texts[1] and len(texts[0]) == 1
-    assert "Compilation and warm-up" in outs[1].stdout and "Compilation" not in outs[0].stdout
+    assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 1
+    assert "Compilation" not in outs[0].stdout
+    assert "graphs: 0 from cache, 1 compiled" in outs[1].stdout
+    assert "graphs: 1 from cache, 0 compiled" in outs[2].stdout
 
 
 def cli_error(capsys, *argv) -> str:
