@@ -680,7 +680,7 @@ def compile_cache_summary() -> str:
     c = counters["inductor"]
     new = c["fxgraph_cache_miss"] + c["fxgraph_cache_bypass"]
     kernels, tuning = c["async_compile_cache_miss"], c["coordesc_tuning_bench"]
-    return f"graphs: {c['fxgraph_cache_hit']} from cache, {new} compiled; Triton kernels compiled: {kernels}; tuning benchmarks: {tuning}"
+    return f"graphs: {c['fxgraph_cache_hit']} from cache, {new} compiled; kernels loaded: {kernels}; tuning benchmarks: {tuning}"
 
 
 def save_compile_cache(path: Optional[Path]) -> None:

@@ -21,9 +21,17 @@ for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; 
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
   warm)  # same machine, same cache: the start-up time a user sees the second time
     wall $G --prompt 16 --compile --num_samples 3 >"$out/bf16_warm.txt" 2>&1 ;;
-  warm_cprofile)  # where the warm start-up time goes
-    python3 -m cProfile -o /tmp/warm.prof $GA --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1
-    python3 -c 'import pstats; pstats.Stats("/tmp/warm.prof").sort_stats("cumtime").print_stats(60)' >"$out/warm_cprofile.txt" 2>&1 ;;
+  warm_cprofile)  # where the warm start-up time goes: Python profile, then torch's own compile-phase timers
+    python3 - ${GA#generate.py } --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1 <<'PY'
+import cProfile, pstats, sys
+sys.path.insert(0, ".")
+import generate
+from torch._dynamo.utils import compile_times
+cProfile.run("generate.main(sys.argv[1:])", "/tmp/warm.prof")
+print(compile_times(repr="str", aggregate=True))
+pstats.Stats("/tmp/warm.prof").sort_stats("cumtime").print_stats(70)
+PY
+    ;;
   artifacts)  # a new cache directory, as on a fresh machine, with only the artifact file
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b wall $G --prompt 16 --compile --num_samples 1 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_artifacts.txt" 2>&1 ;;
   profile)
