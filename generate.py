@@ -522,6 +522,8 @@ def compile_steps(args, fused_kernels_ok: bool):
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
+    if args.device == "cuda" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+        inductor_config.compile_threads = 1  # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
     if torch.__version__ < (2, 12) and hasattr(inductor_config, "use_static_cuda_launcher"):
         inductor_config.use_static_cuda_launcher = False  # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
     if args.compile:

@@ -4,7 +4,8 @@
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
-export PYTHONPYCACHEPREFIX=/tmp/pyc  # bytecode for a read-only site-packages, as a normal pip install has
+export PYTHONPYCACHEPREFIX=/tmp/pyc  # keep bytecode between runs (read-only site-packages), as a normal install does
+unset PYTHONDONTWRITEBYTECODE
 out="${OUT:-bench_out}"
 mkdir -p "$out"
 GA="generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
