@@ -336,14 +336,14 @@ def random_model(args: ModelArgs, device, precision=torch.bfloat16, seed: int = 
 def weight_bytes_per_token(model: torch.nn.Module) -> int:
     """Bytes of weights one decode step reads at batch 1: every tensor once, but only one row of an untied
     embedding and, in a mixture of experts, only the activated experts (top-k of E)."""
-    seen, total = set(), 0
-    cfg = model.config
+    per_storage, cfg = {}, model.config  # tied or fused weights (views of one storage) count once
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if t.data_ptr() in seen or name.endswith(("k_cache", "v_cache", "freqs_cis", "causal_mask")):
+        if name.endswith(("k_cache", "v_cache", "freqs_cis", "causal_mask")):
             continue
-        seen.add(t.data_ptr())
         share = cfg.num_activated_experts / cfg.num_experts if ".cond_ffn." in name else 1.0
-        total += int(t.numel() * t.element_size() * share)
+        key = t.untyped_storage().data_ptr()
+        per_storage[key] = max(per_storage.get(key, 0), int(t.numel() * t.element_size() * share))
+    total = sum(per_storage.values())
     emb = model.tok_embeddings.weight
     if model.output.weight.data_ptr() != emb.data_ptr():
         total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()

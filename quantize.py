@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import ConditionalFeedForward, Transformer
+from model import ConditionalFeedForward, FeedForward, Transformer
 
 GROUPSIZES = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
@@ -110,6 +110,31 @@ if triton is not None:
     _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
     int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
 
+    @triton.jit
+    def int8_gated_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the int8 GEMVs of rows n and N + n of
+        w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask = (offs_n[:, None] < N) & (k[None, :] < K)
+            rows = offs_n[:, None] * K + k[None, :]
+            wa = tl.load(w_ptr + rows, mask=mask, other=0)
+            wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
+            x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
+            acc_a += small_int_to_float(wa.to(tl.int32) + 128, 128.0) * x
+            acc_b += small_int_to_float(wb.to(tl.int32) + 128, 128.0) * x
+        a = tl.sum(acc_a, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        b = tl.sum(acc_b, axis=1) * tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
+    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
+
 
 def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
     """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; config fixes the tile (tests)."""
@@ -120,11 +145,24 @@ def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
     return y
 
 
+def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, **config) -> Tensor:
+    """silu(x @ w1.T) * (x @ w3.T) for int8 w13 = [w1; w3] [2N, K], scales13 [2N]: x [M, K] -> [M, N]."""
+    (M, K), N = x.shape, w13.shape[0] // 2
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = int8_gated_gemv_kernel if config else torch.library.wrap_triton(int8_gated_gemv_tuned)
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w13, scales13, y, N, K, **config)
+    return y
+
+
 if triton is not None:  # as custom ops, inductor sees pure functions it can place in CUDA graphs without copies
 
     @torch.library.triton_op("gptfast::int8_gemv", mutates_args=())
     def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
         return int8_gemv(x, w, scales)
+
+    @torch.library.triton_op("gptfast::int8_gated_gemv", mutates_args=())
+    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor) -> Tensor:
+        return int8_gated_gemv(x, w13, scales13)
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -143,6 +181,27 @@ class WeightOnlyInt8Linear(nn.Module):
         if self.use_triton and rows <= GEMV_MAX_ROWS:
             return int8_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
+
+
+class Int8GatedFeedForward(nn.Module):
+    """SwiGLU with int8 w1 and w3 stored back to back: at decode one Triton kernel gives silu(w1 x) * w3 x,
+    where the plain module takes two GEMVs and an elementwise kernel. Made by prepare_for_device (CUDA)."""
+
+    def __init__(self, ff: nn.Module):
+        super().__init__()
+        self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
+        hidden = ff.w1.weight.shape[0]  # per rank under tensor parallel
+        self.register_buffer("w13", torch.cat([ff.w1.weight, ff.w3.weight]), persistent=False)
+        self.register_buffer("scales13", torch.cat([ff.w1.scales, ff.w3.scales]), persistent=False)
+        self.w1.weight, self.w3.weight = self.w13[:hidden], self.w13[hidden:]  # views: one copy in memory
+        self.w1.scales, self.w3.scales = self.scales13[:hidden], self.scales13[hidden:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > GEMV_MAX_ROWS:
+            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13)
+        return self.w2(h.view(*x.shape[:-1], -1))
 
 
 class WeightOnlyInt4Linear(nn.Module):
@@ -291,6 +350,10 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
                 m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
             if m.packed is not None:  # one copy in memory: a prepared model is for inference, not for saving
                 m.weight = m.weight.new_empty(0)
+    if cuda_triton:
+        for name, m in list(model.named_modules()):
+            if isinstance(m, FeedForward) and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
+                set_module(model, name, Int8GatedFeedForward(m))
 
 
 # ---------------------------------------------------------------- GPTQ

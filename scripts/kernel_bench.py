@@ -33,6 +33,7 @@ def main():
     print("| layer | kernel | rel. err | us | GB/s | % of read BW |\n|---|---|---|---|---|---|")
     for name, (N, K) in SHAPES.items():
         bench_shape(f"{name} {N}x{K}", N, K, a.rows, bw, int8_torch)
+    bench_gated(*SHAPES["w1/w3"], a.rows, bw)
 
 
 def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) -> None:
@@ -57,6 +58,24 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
         err = float((fn().float() - r).norm() / r.norm())
         us = time_us(fn)
         print(f"| {label} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
+
+
+def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
+    """SwiGLU's silu(w1 x) * w3 x: two int8 GEMVs and eager silu, mul against the one gated kernel."""
+    dev = torch.device("cuda")
+    x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
+    (c1, s1), (c3, s3) = (q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for _ in range(2))
+    w13, s13 = torch.cat([c1, c3]), torch.cat([s1, s3])
+    ref = F.silu(x.float() @ (c1.float() * s1.float()[:, None]).t()) * (x.float() @ (c3.float() * s3.float()[:, None]).t())
+    cases = {
+        "int8 triton x2 + silu, mul": lambda: F.silu(q.int8_gemv(x, c1, s1)) * q.int8_gemv(x, c3, s3),
+        "int8 gated triton": lambda: q.int8_gated_gemv(x, w13, s13),
+    }
+    nbytes = 2 * (N * K + N * 2)
+    for kname, fn in cases.items():
+        err = float((fn().float() - ref).norm() / ref.norm())
+        us = time_us(fn)
+        print(f"| w1+w3 2x{N}x{K} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
 
 
 if __name__ == "__main__":

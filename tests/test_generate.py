@@ -135,6 +135,17 @@ def test_gb_per_token_counts_only_the_activated_experts():
     assert generate.weight_bytes_per_token(moe) == expected
 
 
+def test_gb_per_token_counts_fused_int8_w1_w3_once():
+    pytest.importorskip("triton")
+    import quantize
+
+    model = quantize.quantize_model(random_transformer(tiny_args(), seed=0), "int8")
+    before = generate.weight_bytes_per_token(model)
+    for layer in model.layers:  # what prepare_for_device does on CUDA
+        layer.feed_forward = quantize.Int8GatedFeedForward(layer.feed_forward)
+    assert generate.weight_bytes_per_token(model) == before
+
+
 def test_ngram_proposal_finds_the_latest_longest_match():
     t = torch.tensor([5, 1, 2, 9, 9, 1, 2, 7, 8, 3, 1, 2])
     assert ngram_proposal(t, 2).tolist() == [7, 8]  # latest earlier "1 2" is followed by 7 8

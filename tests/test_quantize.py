@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 import quantize as q
 from generate import load_model
+from model import FeedForward
 
 shapes = st.tuples(st.integers(1, 24), st.sampled_from([32, 64, 128, 256]), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
 
@@ -61,6 +62,11 @@ for M, N, K in [(1, 37, 320), (3, 24, 512), (8, 16, 256)]:  # ragged N and K
     ref = torch.nn.functional.linear(x, c.float()) * s
     y = q.int8_gemv(x, c, s, BLOCK_N=8, BLOCK_K=128)
     assert float((y - ref).norm() / ref.norm()) < 1e-5, (M, N, K)
+    w3 = torch.randn(N, K)
+    c3, s3 = q.quantize_int8(w3)
+    ref = torch.nn.functional.silu(ref) * (torch.nn.functional.linear(x, c3.float()) * s3)
+    y = q.int8_gated_gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), BLOCK_N=8, BLOCK_K=128)
+    assert float((y - ref).norm() / ref.norm()) < 1e-5, ("gated", M, N, K)
 print("ok")
 """
 
@@ -71,6 +77,24 @@ def test_triton_int8_gemv_matches_the_plain_pytorch_fallback():
     env = dict(os.environ, TRITON_INTERPRET="1")
     p = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
+def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
+    """The CUDA decode module: w1 and w3 become views of one [2I, D] matrix; prefill-sized inputs take the plain path."""
+    pytest.importorskip("triton")
+    ff = FeedForward(tiny_args(dim=64, intermediate_size=96))
+    torch.nn.init.normal_(ff.w1.weight), torch.nn.init.normal_(ff.w3.weight)
+    for name in ("w1", "w2", "w3"):
+        lin = getattr(ff, name)
+        qlin = q.WeightOnlyInt8Linear(lin.in_features, lin.out_features, torch.float32)
+        qlin.weight, qlin.scales = q.quantize_int8(lin.weight.data)
+        setattr(ff, name, qlin)
+    x = torch.randn(2, 9, 64)  # 18 rows: above the GEMV limit
+    ref, keys = ff(x), set(ff.state_dict())
+    gated = q.Int8GatedFeedForward(ff)
+    assert gated.w1.weight.data_ptr() == gated.w13.data_ptr() and gated.w3.weight.data_ptr() == gated.w13[96:].data_ptr()
+    assert set(gated.state_dict()) == keys
+    assert torch.equal(gated(x), ref)
 
 
 @pytest.fixture(scope="module")
