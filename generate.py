@@ -399,7 +399,12 @@ def parse_args(argv=None):
     p.add_argument("--random_init", type=str, default=None, metavar="MODEL_NAME", help="no checkpoint: random weights of this named config (for benchmarks)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="with --random_init: quantize the random weights in memory")
     p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
-    p.add_argument("--kernels", choices=["auto", "torch"], default="auto", help="quantized matmuls: auto (Triton GEMV on CUDA) or torch's own ops")
+    p.add_argument(
+        "--kernels",
+        choices=["auto", "torch", "gated"],
+        default="auto",
+        help="quantized matmuls: auto (Triton GEMV on CUDA), torch's own ops, or gated (auto + one kernel for int8 w1/w3; not yet measured)",
+    )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")
     p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")

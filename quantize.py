@@ -185,7 +185,8 @@ class WeightOnlyInt8Linear(nn.Module):
 
 class Int8GatedFeedForward(nn.Module):
     """SwiGLU with int8 w1 and w3 stored back to back: at decode one Triton kernel gives silu(w1 x) * w3 x,
-    where the plain module takes two GEMVs and an elementwise kernel. Made by prepare_for_device (CUDA)."""
+    where the plain module takes two GEMVs and an elementwise kernel. Made by prepare_for_device (CUDA,
+    kernels="gated")."""
 
     def __init__(self, ff: nn.Module):
         super().__init__()
@@ -333,8 +334,9 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto") -> None:
     """Pick each quantized layer's kernel for where it runs; repack int4 codes for torch's kernels (once: idempotent).
-    kernels="torch" skips the Triton int8 GEMV for inductor's fused dequantize-matmul (the usual approach)."""
-    cuda_triton = kernels == "auto" and device.type == "cuda" and triton is not None and torch.version.hip is None
+    kernels="torch" skips the Triton int8 GEMV for inductor's fused dequantize-matmul (the usual approach);
+    kernels="gated" adds the gated w1/w3 kernel (opt-in until measured on a GPU)."""
+    cuda_triton = kernels in ("auto", "gated") and device.type == "cuda" and triton is not None and torch.version.hip is None
     for m in model.modules():
         if isinstance(m, WeightOnlyInt8Linear):
             m.use_triton = cuda_triton
@@ -350,7 +352,7 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
                 m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
             if m.packed is not None:  # one copy in memory: a prepared model is for inference, not for saving
                 m.weight = m.weight.new_empty(0)
-    if cuda_triton:
+    if cuda_triton and kernels == "gated":
         for name, m in list(model.named_modules()):
             if isinstance(m, FeedForward) and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
                 set_module(model, name, Int8GatedFeedForward(m))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: warm_cprofile spec_draft_sampled)
+#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: warm_cprofile spec_draft_sampled int8_gated)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -51,6 +51,10 @@ PY
   spec_draft)  # greedy, bf16 target with its own int4 version as the draft
     $G --prompt 16 --compile --temperature 0 --num_samples 3 >"$out/spec_plain16.txt" 2>&1
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
+  int8_gated)  # int8 with and without the gated w1/w3 kernel (--kernels gated), and the kernel alone
+    python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
+bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(11008, 4096, r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
+    for k in auto gated; do $G --prompt 16 --compile --quantize int8 --kernels $k --num_samples 3 >"$out/int8_$k.txt" 2>&1; done ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
   esac
