@@ -136,22 +136,23 @@ if triton is not None:
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
 
-def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
-    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; config fixes the tile (tests)."""
-    (M, K), N = x.shape, w.shape[0]
+def launch_gemv(kernel, tuned, x: Tensor, w: Tensor, scales: Tensor, N: int, config: dict) -> Tensor:
+    """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned."""
+    M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int8_gemv_kernel if config else torch.library.wrap_triton(int8_gemv_tuned)
+    kernel = kernel if config else torch.library.wrap_triton(tuned)
     kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, **config)
     return y
 
 
+def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
+    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]."""
+    return launch_gemv(int8_gemv_kernel, int8_gemv_tuned, x, w, scales, w.shape[0], config)
+
+
 def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, **config) -> Tensor:
     """silu(x @ w1.T) * (x @ w3.T) for int8 w13 = [w1; w3] [2N, K], scales13 [2N]: x [M, K] -> [M, N]."""
-    (M, K), N = x.shape, w13.shape[0] // 2
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int8_gated_gemv_kernel if config else torch.library.wrap_triton(int8_gated_gemv_tuned)
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w13, scales13, y, N, K, **config)
-    return y
+    return launch_gemv(int8_gated_gemv_kernel, int8_gated_gemv_tuned, x, w13, scales13, w13.shape[0] // 2, config)
 
 
 if triton is not None:  # as custom ops, inductor sees pure functions it can place in CUDA graphs without copies
@@ -183,13 +184,13 @@ class WeightOnlyInt8Linear(nn.Module):
         return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
 
 
-class Int8GatedFeedForward(nn.Module):
+class Int8GatedFeedForward(FeedForward):
     """SwiGLU with int8 w1 and w3 stored back to back: at decode one Triton kernel gives silu(w1 x) * w3 x,
     where the plain module takes two GEMVs and an elementwise kernel. Made by prepare_for_device (CUDA,
     kernels="gated")."""
 
-    def __init__(self, ff: nn.Module):
-        super().__init__()
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
         self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
         hidden = ff.w1.weight.shape[0]  # per rank under tensor parallel
         self.register_buffer("w13", torch.cat([ff.w1.weight, ff.w3.weight]), persistent=False)
@@ -200,7 +201,7 @@ class Int8GatedFeedForward(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         if rows > GEMV_MAX_ROWS:
-            return self.w2(F.silu(self.w1(x)) * self.w3(x))
+            return super().forward(x)
         h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13)
         return self.w2(h.view(*x.shape[:-1], -1))
 
@@ -354,7 +355,7 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
                 m.weight = m.weight.new_empty(0)
     if cuda_triton and kernels == "gated":
         for name, m in list(model.named_modules()):
-            if isinstance(m, FeedForward) and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
+            if type(m) is FeedForward and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
                 set_module(model, name, Int8GatedFeedForward(m))
 
 

@@ -55,9 +55,13 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
         "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 32, sz), ref4, b4),
     }
     for kname, (fn, r, nbytes) in cases.items():
-        err = float((fn().float() - r).norm() / r.norm())
-        us = time_us(fn)
-        print(f"| {label} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
+        print_row(label, kname, fn, r, nbytes, bw)
+
+
+def print_row(label: str, kname: str, fn, ref, nbytes: int, bw: float) -> None:
+    err = float((fn().float() - ref).norm() / ref.norm())
+    us = time_us(fn)
+    print(f"| {label} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
 
 
 def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
@@ -71,11 +75,8 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
         "int8 triton x2 + silu, mul": lambda: F.silu(q.int8_gemv(x, c1, s1)) * q.int8_gemv(x, c3, s3),
         "int8 gated triton": lambda: q.int8_gated_gemv(x, w13, s13),
     }
-    nbytes = 2 * (N * K + N * 2)
     for kname, fn in cases.items():
-        err = float((fn().float() - ref).norm() / ref.norm())
-        us = time_us(fn)
-        print(f"| w1+w3 2x{N}x{K} | {kname} | {err:.1e} | {us:.1f} | {nbytes / us / 1e3:.0f} | {100 * nbytes / us / 1e3 / bw:.0f}% |")
+        print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref, 2 * (N * K + N * 2), bw)
 
 
 if __name__ == "__main__":
