@@ -53,7 +53,7 @@ PY
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
   int8_gated)  # int8 with and without the gated w1/w3 kernel (--kernels gated), and the kernel alone
     python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
-bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(11008, 4096, r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
+bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES["w1/w3"], r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
     for k in auto gated; do $G --prompt 16 --compile --quantize int8 --kernels $k --num_samples 3 >"$out/int8_$k.txt" 2>&1; done ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
