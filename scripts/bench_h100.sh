@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: warm_cprofile spec_draft_sampled int8_gated)
+#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl warm_cprofile
+#   spec_draft_sampled int8 int8_gated)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -11,6 +12,7 @@ mkdir -p "$out"
 GA="generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
 G="python3 $GA"
 TOK="${TOK:-tokenizer.model}"  # the Llama 2 tokenizer, for the text prompt of spec_ngram
+TEXT=$([ -f "$TOK" ] && echo "--tokenizer_path $TOK")  # with a tokenizer the samples are printed: settings that must not change the tokens can be diffed
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 wall() { local t0=$EPOCHREALTIME; "$@"; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "Process wall time: %.1f s\n", b - a }'; }
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
@@ -22,6 +24,10 @@ for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; 
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
   warm)  # same machine, same cache: the start-up time a user sees the second time
     wall $G --prompt 16 --compile --num_samples 3 >"$out/bf16_warm.txt" 2>&1 ;;
+  seed)  # the default cache filled from an earlier call's artifact file ($SEED, carried): a warm start on a new machine
+    wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED:-$out/cc_bf16.bin}" $TEXT >"$out/bf16_seed.txt" 2>&1 ;;
+  pdl)  # inductor's programmatic dependent launch (Hopper): each kernel is launched while the one before it drains
+    TORCHINDUCTOR_ENABLE_PDL=1 wall $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16_pdl.bin" $TEXT >"$out/bf16_pdl.txt" 2>&1 ;;
   warm_cprofile)  # where the warm start-up time goes: Python profile, then torch's own compile-phase timers
     python3 - ${GA#generate.py } --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1 <<'PY'
 import cProfile, pstats, sys
@@ -51,10 +57,12 @@ PY
   spec_draft)  # greedy, bf16 target with its own int4 version as the draft
     $G --prompt 16 --compile --temperature 0 --num_samples 3 >"$out/spec_plain16.txt" 2>&1
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
-  int8_gated)  # int8 with and without the gated w1/w3 kernel (--kernels gated), and the kernel alone
+  int8)  # cold, writes its artifact file
+    wall $G --prompt 16 --compile --quantize int8 --num_samples 3 --compile_cache "$out/cc_int8.bin" $TEXT >"$out/int8_auto.txt" 2>&1 ;;
+  int8_gated)  # the gated w1/w3 kernel alone, then int8 with it (--kernels gated), cold, writing its artifact file
     python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
 bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES["w1/w3"], r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
-    for k in auto gated; do $G --prompt 16 --compile --quantize int8 --kernels $k --num_samples 3 >"$out/int8_$k.txt" 2>&1; done ;;
+    wall $G --prompt 16 --compile --quantize int8 --kernels gated --num_samples 3 --compile_cache "$out/cc_int8_gated.bin" $TEXT >"$out/int8_gated.txt" 2>&1 ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
   esac
