@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl warm_cprofile
-#   spec_draft_sampled int8 int8_gated)
+#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed nopdl warm_cprofile
+#   spec_draft_sampled int8 int8_gemv int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -16,7 +16,7 @@ TEXT=$([ -f "$TOK" ] && echo "--tokenizer_path $TOK")  # with a tokenizer the sa
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 wall() { local t0=$EPOCHREALTIME; "$@"; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "Process wall time: %.1f s\n", b - a }'; }
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
-for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; do
+for stage in ${STAGES:-check cold warm artifacts profile ttft spec_ngram spec_draft}; do
   echo "stage $stage starts at $(date +%T)"
   case $stage in
   cold)  # empty inductor cache; writes the compile artifacts
@@ -24,10 +24,12 @@ for stage in ${STAGES:-cold warm artifacts profile ttft spec_ngram spec_draft}; 
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_cold.txt" 2>&1 ;;
   warm)  # same machine, same cache: the start-up time a user sees the second time
     wall $G --prompt 16 --compile --num_samples 3 >"$out/bf16_warm.txt" 2>&1 ;;
+  check)  # the compiled decode step against eager, PDL off and on, for bf16 and int8 (4 of the 32 layers)
+    for q in "" "--quantize int8"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 4 $q; done >"$out/check.txt" 2>&1 ;;
   seed)  # the default cache filled from an earlier call's artifact file ($SEED, carried): a warm start on a new machine
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED:-$out/cc_bf16.bin}" $TEXT >"$out/bf16_seed.txt" 2>&1 ;;
-  pdl)  # inductor's programmatic dependent launch (Hopper): each kernel is launched while the one before it drains
-    TORCHINDUCTOR_ENABLE_PDL=1 wall $G --prompt 16 --compile --num_samples 3 --compile_cache "$out/cc_bf16_pdl.bin" $TEXT >"$out/bf16_pdl.txt" 2>&1 ;;
+  nopdl)  # without inductor's programmatic dependent launch (generate.py turns it on for Hopper), from $SEED_NOPDL
+    TORCHINDUCTOR_ENABLE_PDL=0 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_n wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED_NOPDL:-$out/cc_bf16_nopdl.bin}" $TEXT >"$out/bf16_nopdl.txt" 2>&1 ;;
   warm_cprofile)  # where the warm start-up time goes: Python profile, then torch's own compile-phase timers
     python3 - ${GA#generate.py } --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1 <<'PY'
 import cProfile, pstats, sys
@@ -59,13 +61,15 @@ PY
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
   int8)  # cold, writes its artifact file
     wall $G --prompt 16 --compile --quantize int8 --num_samples 3 --compile_cache "$out/cc_int8.bin" $TEXT >"$out/int8_auto.txt" 2>&1 ;;
-  int8_gated)  # the gated w1/w3 kernel alone, then int8 with it (--kernels gated), cold, writing its artifact file
+  int8_gemv)  # the gated w1/w3 kernel alone, then int8 without it (--kernels gemv), cold, writing its artifact file
     python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
 bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES["w1/w3"], r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
-    wall $G --prompt 16 --compile --quantize int8 --kernels gated --num_samples 3 --compile_cache "$out/cc_int8_gated.bin" $TEXT >"$out/int8_gated.txt" 2>&1 ;;
+    wall $G --prompt 16 --compile --quantize int8 --kernels gemv --num_samples 3 --compile_cache "$out/cc_int8_gemv.bin" $TEXT >"$out/int8_gemv.txt" 2>&1 ;;
+  int4)  # cold, group size 32
+    wall $G --prompt 16 --compile --quantize int4 --num_samples 3 $TEXT >"$out/int4.txt" 2>&1 ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
   esac
   echo "stage $stage done at $(date +%T)"
 done
-grep -H -E "Process wall|Loaded model|Compilation|Average decode|Average time to first|achieved|acceptance|^error" "$out"/*.txt
+grep -H -E "^pdl|Process wall|Loaded model|Compilation|Average decode|Average time to first|achieved|acceptance|^error" "$out"/*.txt
