@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed nopdl warm_cprofile
+#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl warm_cprofile
 #   spec_draft_sampled int8 int8_gemv int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
@@ -12,7 +12,7 @@ mkdir -p "$out"
 GA="generate.py --random_init 7B --max_new_tokens 200 --ignore_eos"
 G="python3 $GA"
 TOK="${TOK:-tokenizer.model}"  # the Llama 2 tokenizer, for the text prompt of spec_ngram
-TEXT=$([ -f "$TOK" ] && echo "--tokenizer_path $TOK")  # with a tokenizer the samples are printed: settings that must not change the tokens can be diffed
+TEXT=$([ -f "$TOK" ] && echo "--tokenizer_path $TOK")  # with a tokenizer the samples are printed
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 wall() { local t0=$EPOCHREALTIME; "$@"; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "Process wall time: %.1f s\n", b - a }'; }
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
@@ -28,8 +28,8 @@ for stage in ${STAGES:-check cold warm artifacts profile ttft spec_ngram spec_dr
     for q in "" "--quantize int8"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 4 $q; done >"$out/check.txt" 2>&1 ;;
   seed)  # the default cache filled from an earlier call's artifact file ($SEED, carried): a warm start on a new machine
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED:-$out/cc_bf16.bin}" $TEXT >"$out/bf16_seed.txt" 2>&1 ;;
-  nopdl)  # without inductor's programmatic dependent launch (generate.py turns it on for Hopper), from $SEED_NOPDL
-    TORCHINDUCTOR_ENABLE_PDL=0 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_n wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED_NOPDL:-$out/cc_bf16_nopdl.bin}" $TEXT >"$out/bf16_nopdl.txt" 2>&1 ;;
+  pdl)  # inductor's programmatic dependent launch (Hopper; opt-in): from $SEED_PDL if given, else cold
+    TORCHINDUCTOR_ENABLE_PDL=1 wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED_PDL:-$out/cc_bf16_pdl.bin}" $TEXT >"$out/bf16_pdl.txt" 2>&1 ;;
   warm_cprofile)  # where the warm start-up time goes: Python profile, then torch's own compile-phase timers
     python3 - ${GA#generate.py } --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1 <<'PY'
 import cProfile, pstats, sys

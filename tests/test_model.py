@@ -131,3 +131,24 @@ def test_sequence_past_block_size_is_refused():
     model = random_transformer(tiny_args(block_size=32))
     with pytest.raises(ValueError, match="exceeds the model's block_size=32"):
         model.setup_caches(1, 33)
+
+
+def test_compile_layer_once_traces_one_layer_graph_and_matches_eager():
+    model = random_transformer(tiny_args(n_layer=3))
+    model.compile_layer_once = True
+    prompt, pos = torch.randint(3, 32000, (1, 6), generator=torch.Generator().manual_seed(0)), torch.arange(6)
+    ref = full_logits(model, prompt)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=record, fullgraph=True)(prompt, pos)
+    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.higher_order.invoke_subgraph]
+    assert len(calls) == 3 and len({n.args[0].target for n in calls}) == 1  # three calls of one layer graph
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert rel_err(torch.compile(model, fullgraph=True)(prompt, pos), ref) < 1e-5  # inductor, as generate.py compiles
