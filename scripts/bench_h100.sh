@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl warm_cprofile
+#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl layer_once warm_cprofile
 #   spec_draft_sampled int8 int8_gemv int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
@@ -25,7 +25,10 @@ for stage in ${STAGES:-check cold warm artifacts profile ttft spec_ngram spec_dr
   warm)  # same machine, same cache: the start-up time a user sees the second time
     wall $G --prompt 16 --compile --num_samples 3 >"$out/bf16_warm.txt" 2>&1 ;;
   check)  # the compiled decode step against eager, PDL off and on, for bf16 and int8 (4 of the 32 layers)
-    for q in "" "--quantize int8"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 4 $q; done >"$out/check.txt" 2>&1 ;;
+    for q in "" "--quantize int8"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 4 $q; done >"$out/check.txt" 2>&1
+    python3 scripts/check_compiled.py --random_init 7B --n_layer 4 --pdl off --compile_layer_once >>"$out/check.txt" 2>&1 ;;
+  layer_once)  # --compile_layer_once: one compiled layer reused for all 32; cold, then warm (its own cache directory)
+    for i in 1 2; do TORCHINDUCTOR_CACHE_DIR=/tmp/ind_l wall $G --prompt 16 --compile --compile_layer_once --num_samples 3 >"$out/bf16_layer_once_$i.txt" 2>&1; done ;;
   seed)  # the default cache filled from an earlier call's artifact file ($SEED, carried): a warm start on a new machine
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED:-$out/cc_bf16.bin}" $TEXT >"$out/bf16_seed.txt" 2>&1 ;;
   pdl)  # inductor's programmatic dependent launch (Hopper; opt-in): from $SEED_PDL if given, else cold
