@@ -97,6 +97,11 @@ def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
     assert torch.equal(gated(x), ref)
 
 
+def test_unknown_kernels_choice_is_a_clear_error():
+    with pytest.raises(ValueError, match="kernels='gated': use auto, gemv or torch"):
+        q.prepare_for_device(FeedForward(tiny_args()), torch.device("cpu"), "gated")
+
+
 @pytest.fixture(scope="module")
 def model_pair():
     args = tiny_args(dim=256, n_head=4, intermediate_size=512, n_layer=2, vocab_size=1000)
