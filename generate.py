@@ -420,12 +420,12 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
-    check_sampling_args(args)
+    check_args(args)
     return args
 
 
-def check_sampling_args(args) -> None:
-    """Refuse, before loading anything, sampling settings that have no meaning."""
+def check_args(args) -> None:
+    """Refuse, before loading anything, flag values and combinations that have no meaning."""
     if args.temperature < 0:
         raise SystemExit(f"error: --temperature {args.temperature} is negative: use 0 for greedy or a positive value")
     if args.top_k < 0:
@@ -434,6 +434,8 @@ def check_sampling_args(args) -> None:
         raise SystemExit(f"error: --top_p {args.top_p} is outside (0, 1]: use 1 to turn it off")
     if args.speculate and args.speculate_k < 1:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
+    if args.compile_layer_once and not args.compile:
+        raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:

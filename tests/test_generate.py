@@ -264,6 +264,7 @@ def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_
     assert "--top_k -3 is negative" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_k", "-3")
     assert "--top_p 0.0 is outside" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_p", "0")
     assert "--speculate_k -2 must be at least 1" in cli_error(capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2")
+    assert "add --compile" in cli_error(capsys, "--checkpoint_path", checkpoint, "--compile_layer_once")
 
 
 class Boom:
