@@ -209,8 +209,8 @@ def run_layer(layer: "TransformerBlock", x: Tensor, input_pos: Tensor, freqs_cis
     return layer(x, input_pos, freqs_cis, mask)
 
 
-# Under torch.compile, layers of one shape share one compiled graph instead of 32 inlined copies: a 3x shorter
-# compile. Eager, it is a plain call.
+# Under torch.compile, layers of one shape share one compiled graph instead of 32 inlined copies, which
+# halves the compile time or better (README). Eager, it is a plain call.
 run_layer_once = torch.compiler.nested_compile_region(run_layer)
 
 
