@@ -210,8 +210,8 @@ def run_layer(layer: "TransformerBlock", x: Tensor, input_pos: Tensor, freqs_cis
 
 
 # Under torch.compile, layers of one shape share one compiled graph instead of 32 inlined copies, which
-# halves the compile time or better (README). Eager, it is a plain call.
-run_layer_once = torch.compiler.nested_compile_region(run_layer)
+# halves the compile time or better (README). Eager, it is a plain call. torch < 2.8 has no such region.
+run_layer_once = torch.compiler.nested_compile_region(run_layer) if hasattr(torch.compiler, "nested_compile_region") else run_layer
 
 
 class TransformerBlock(nn.Module):
