@@ -524,20 +524,25 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
         )
 
 
-def compile_steps(args, fused_kernels_ok: bool):
-    """The step functions, compiled when asked: decode with CUDA graphs, prefill with dynamic shapes."""
-    steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
-    if not (args.compile or args.compile_prefill):
-        return steps
+def set_inductor_options(device: str) -> None:
+    """Inductor settings for fast batch-1 decode and quick warm starts (process-wide, as torch keeps them)."""
     import torch._inductor.config as inductor_config
 
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
-    if args.device == "cuda" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
+    if device == "cuda" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
         inductor_config.compile_threads = 1  # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
     if torch.__version__ < (2, 12) and hasattr(inductor_config, "use_static_cuda_launcher"):
         inductor_config.use_static_cuda_launcher = False  # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
+
+
+def compile_steps(args, fused_kernels_ok: bool):
+    """The step functions, compiled when asked: decode with CUDA graphs, prefill with dynamic shapes."""
+    steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
+    if not (args.compile or args.compile_prefill):
+        return steps
+    set_inductor_options(args.device)
     if args.compile:
         steps["decode_fn"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     if args.compile and args.speculate:
@@ -662,8 +667,9 @@ def run(args, rank):
     prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
     check_fits(args, model, prompt.numel(), device)
     steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts)
-    for m in (model, draft) if draft is not None else (model,):
-        m.compile_layer_once = args.compile_layer_once
+    model.compile_layer_once = args.compile_layer_once
+    if draft is not None:
+        draft.compile_layer_once = args.compile_layer_once
     compiling = args.compile or args.compile_prefill
     if compiling and args.compile_cache is not None and args.compile_cache.is_file():
         torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine

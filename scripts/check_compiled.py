@@ -13,7 +13,6 @@ import argparse
 import dataclasses
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -39,17 +38,6 @@ def stepped_logits(step, model: Transformer, prompt: Tensor, tokens: Tensor) -> 
     return torch.stack(out)
 
 
-@torch.no_grad()
-def greedy_tokens(model: Transformer, prompt: Tensor, n: int) -> Tensor:
-    """The eager model's greedy continuation [n] of prompt [T], whose first token comes from the prefill."""
-    T = prompt.numel()
-    first = model(prompt.view(1, -1), torch.arange(T, device=prompt.device), prefill=True)[0, -1].argmax()
-    tokens = [first]
-    for i in range(n - 1):
-        tokens.append(model(tokens[-1].view(1, 1), torch.tensor([T + i], device=prompt.device))[0, -1].argmax())
-    return torch.stack(tokens).int()
-
-
 def compare(ref: Tensor, got: Tensor) -> tuple[float, float]:
     """(worst step's max |got - ref| / max |ref|, share of steps whose argmax agrees), over logits [n, V]."""
     err = ((got - ref).abs().amax(-1) / ref.abs().amax(-1)).max()
@@ -60,7 +48,7 @@ def compiled_step(pdl: bool):
     """generate.py's inductor settings and decode compilation, with PDL on or off; a fresh compile."""
     import torch._inductor.config as inductor_config
 
-    g.compile_steps(SimpleNamespace(compile=True, compile_prefill=False, speculate=None, device="cuda"), fused_kernels_ok=True)
+    g.set_inductor_options("cuda")
     inductor_config.triton.enable_pdl = pdl
     torch._dynamo.reset()
     return torch.compile(g.model_forward, mode="reduce-overhead", fullgraph=True)
@@ -93,7 +81,7 @@ def main(argv=None):
     model.compile_layer_once = args.compile_layer_once  # eager, a plain call: the reference is unchanged
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(args.seed)).int().to(device)
     model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.steps)
-    tokens = greedy_tokens(model, prompt, args.steps)
+    tokens = g.generate(model, prompt, args.steps, temperature=0)[0][0, prompt.numel() :]  # eager greedy
     ref = stepped_logits(g.model_forward, model, prompt, tokens)
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:

@@ -10,7 +10,7 @@ def setup(steps=6):
     model = random_transformer(tiny_args())
     prompt = torch.randint(3, 32000, (5,), generator=torch.Generator().manual_seed(0)).int()
     model.setup_caches(1, prompt.numel() + steps)
-    return model, prompt, cc.greedy_tokens(model, prompt, steps)
+    return model, prompt, g.generate(model, prompt, steps, temperature=0)[0][0, prompt.numel() :]
 
 
 def test_the_eager_step_matches_itself_and_the_greedy_tokens():
