@@ -93,17 +93,22 @@ if triton is not None:
         return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
     @triton.jit
-    def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs)."""
+    def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs).
+        PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)
             x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
             acc += small_int_to_float(w.to(tl.int32) + 128, 128.0) * x.to(tl.float32)[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
         s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
@@ -111,7 +116,7 @@ if triton is not None:
     int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
 
     @triton.jit
-    def int8_gated_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def int8_gated_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
         """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the int8 GEMVs of rows n and N + n of
         w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -119,6 +124,8 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             mask = (offs_n[:, None] < N) & (k[None, :] < K)
@@ -128,6 +135,8 @@ if triton is not None:
             x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
             acc_a += small_int_to_float(wa.to(tl.int32) + 128, 128.0) * x
             acc_b += small_int_to_float(wb.to(tl.int32) + 128, 128.0) * x
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         a = tl.sum(acc_a, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         b = tl.sum(acc_b, axis=1) * tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
@@ -136,34 +145,46 @@ if triton is not None:
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
 
-def launch_gemv(kernel, tuned, x: Tensor, w: Tensor, scales: Tensor, N: int, config: dict) -> Tensor:
-    """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned."""
+def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict) -> Tensor:
+    """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned.
+    pdl: launch with programmatic dependent launch (Hopper and later), as inductor launches its own kernels with it."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = kernel if config else torch.library.wrap_triton(tuned)
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, **config)
+    launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, PDL=pdl, **launch, **config)
     return y
 
 
-def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, **config) -> Tensor:
+def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, pdl: bool = False, **config) -> Tensor:
     """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]."""
-    return launch_gemv(int8_gemv_kernel, int8_gemv_tuned, x, w, scales, w.shape[0], config)
+    return launch_gemv(int8_gemv_kernel if config else int8_gemv_tuned, x, w, scales, w.shape[0], pdl, config)
 
 
-def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, **config) -> Tensor:
+def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool = False, **config) -> Tensor:
     """silu(x @ w1.T) * (x @ w3.T) for int8 w13 = [w1; w3] [2N, K], scales13 [2N]: x [M, K] -> [M, N]."""
-    return launch_gemv(int8_gated_gemv_kernel, int8_gated_gemv_tuned, x, w13, scales13, w13.shape[0] // 2, config)
+    kernel = int8_gated_gemv_kernel if config else int8_gated_gemv_tuned
+    return launch_gemv(kernel, x, w13, scales13, w13.shape[0] // 2, pdl, config)
 
 
-if triton is not None:  # as custom ops, inductor sees pure functions it can place in CUDA graphs without copies
+if triton is not None:
+    # Custom ops: inductor sees pure functions it can place in CUDA graphs without copies, and launches them as we
+    # do, with PDL when asked (torch 2.11 launches the Triton kernels of a triton_op without it).
 
-    @torch.library.triton_op("gptfast::int8_gemv", mutates_args=())
-    def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor) -> Tensor:
-        return int8_gemv(x, w, scales)
+    @torch.library.custom_op("gptfast::int8_gemv", mutates_args=())
+    def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor, pdl: bool) -> Tensor:
+        return int8_gemv(x, w, scales, pdl)
 
-    @torch.library.triton_op("gptfast::int8_gated_gemv", mutates_args=())
-    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor) -> Tensor:
-        return int8_gated_gemv(x, w13, scales13)
+    @int8_gemv_op.register_fake
+    def _(x, w, scales, pdl):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+    @torch.library.custom_op("gptfast::int8_gated_gemv", mutates_args=())
+    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool) -> Tensor:
+        return int8_gated_gemv(x, w13, scales13, pdl)
+
+    @int8_gated_gemv_op.register_fake
+    def _(x, w13, scales13, pdl):
+        return x.new_empty(x.shape[0], w13.shape[0] // 2)
 
 
 # ---------------------------------------------------------------- quantized layers
@@ -175,12 +196,12 @@ class WeightOnlyInt8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
-        self.use_triton = False  # set by prepare_for_device
+        self.use_triton = self.pdl = False  # set by prepare_for_device
 
     def forward(self, x: Tensor) -> Tensor:
         rows = x.numel() // x.shape[-1]
         if self.use_triton and rows <= GEMV_MAX_ROWS:
-            return int8_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.scales).view(*x.shape[:-1], -1)
+            return int8_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.scales, self.pdl).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
 
 
@@ -201,7 +222,7 @@ class Int8GatedFeedForward(FeedForward):
         rows = x.numel() // x.shape[-1]
         if rows > GEMV_MAX_ROWS:
             return super().forward(x)
-        h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13)
+        h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13, self.w1.pdl)
         return self.w2(h.view(*x.shape[:-1], -1))
 
 
@@ -332,16 +353,17 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
             set_module(model, name, ConditionalFeedForwardInt8(E, D, I, state_dict[name + ".scales1"].dtype))
 
 
-def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto") -> None:
+def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto", pdl: bool = False) -> None:
     """Pick each quantized layer's kernel for where it runs; repack int4 codes for torch's kernels (once: idempotent).
     On CUDA, int8 runs on the Triton GEMV and SwiGLU's w1/w3 on the gated kernel ("auto"); kernels="gemv" keeps
-    the GEMV but not the gated kernel, "torch" neither: inductor's fused dequantize-matmul (the usual approach)."""
+    the GEMV but not the gated kernel, "torch" neither: inductor's fused dequantize-matmul (the usual approach).
+    pdl: launch the Triton kernels with programmatic dependent launch (generate.use_pdl decides)."""
     if kernels not in ("auto", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
     for m in model.modules():
         if isinstance(m, WeightOnlyInt8Linear):
-            m.use_triton = cuda_triton
+            m.use_triton, m.pdl = cuda_triton, cuda_triton and pdl
         elif isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
             kernel = "tinygemm" if device.type == "cuda" else "cpu"
             if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
-#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: seed pdl layer_once warm_cprofile
-#   spec_draft_sampled int8 int8_gemv int4)
+#   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_int8_pdl seed nopdl layer_once
+#   warm_cprofile spec_draft_sampled int8 int8_nopdl int8_gemv int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -27,12 +27,15 @@ for stage in ${STAGES:-check cold warm artifacts profile ttft spec_ngram spec_dr
   check)  # the compiled decode step against eager, PDL off and on, for bf16 and int8 (4 of the 32 layers)
     for q in "" "--quantize int8"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 4 $q; done >"$out/check.txt" 2>&1
     python3 scripts/check_compiled.py --random_init 7B --n_layer 4 --pdl off --compile_layer_once >>"$out/check.txt" 2>&1 ;;
+  check_int8_pdl)  # int8 with PDL: inductor's kernels and our Triton GEMVs (2 layers)
+    python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int8 --pdl on >"$out/check_int8_pdl.txt" 2>&1 ;;
   layer_once)  # --compile_layer_once: one compiled layer reused for all 32; cold, then warm (its own cache directory)
-    for i in 1 2; do TORCHINDUCTOR_CACHE_DIR=/tmp/ind_l wall $G --prompt 16 --compile --compile_layer_once --num_samples 3 >"$out/bf16_layer_once_$i.txt" 2>&1; done ;;
+    for i in 1 2; do TORCHINDUCTOR_CACHE_DIR=/tmp/ind_l wall $G --prompt 16 --compile --compile_layer_once --num_samples 3 \
+      --compile_cache "$out/cc_bf16_layer_once.bin" >"$out/bf16_layer_once_$i.txt" 2>&1; done ;;
   seed)  # the default cache filled from an earlier call's artifact file ($SEED, carried): a warm start on a new machine
     wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED:-$out/cc_bf16.bin}" $TEXT >"$out/bf16_seed.txt" 2>&1 ;;
-  pdl)  # inductor's programmatic dependent launch (Hopper; opt-in): from $SEED_PDL if given, else cold
-    TORCHINDUCTOR_ENABLE_PDL=1 wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED_PDL:-$out/cc_bf16_pdl.bin}" $TEXT >"$out/bf16_pdl.txt" 2>&1 ;;
+  nopdl)  # without programmatic dependent launch (the default on one Hopper GPU): from $SEED_NOPDL if given, else cold
+    TORCHINDUCTOR_ENABLE_PDL=0 wall $G --prompt 16 --compile --num_samples 3 --compile_cache "${SEED_NOPDL:-$out/cc_bf16_nopdl.bin}" $TEXT >"$out/bf16_nopdl.txt" 2>&1 ;;
   warm_cprofile)  # where the warm start-up time goes: Python profile, then torch's own compile-phase timers
     python3 - ${GA#generate.py } --prompt 16 --compile --num_samples 1 >"$out/bf16_warm_cprofile.txt" 2>&1 <<'PY'
 import cProfile, pstats, sys
@@ -64,6 +67,8 @@ PY
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
   int8)  # cold, writes its artifact file
     wall $G --prompt 16 --compile --quantize int8 --num_samples 3 --compile_cache "$out/cc_int8.bin" $TEXT >"$out/int8_auto.txt" 2>&1 ;;
+  int8_nopdl)  # int8 without programmatic dependent launch, cold
+    TORCHINDUCTOR_ENABLE_PDL=0 wall $G --prompt 16 --compile --quantize int8 --num_samples 3 $TEXT >"$out/int8_nopdl.txt" 2>&1 ;;
   int8_gemv)  # the gated w1/w3 kernel alone, then int8 without it (--kernels gemv), cold, writing its artifact file
     python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
 bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES["w1/w3"], r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1

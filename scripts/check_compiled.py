@@ -46,10 +46,7 @@ def compare(ref: Tensor, got: Tensor) -> tuple[float, float]:
 
 def compiled_step(pdl: bool):
     """generate.py's inductor settings and decode compilation, with PDL on or off; a fresh compile."""
-    import torch._inductor.config as inductor_config
-
-    g.set_inductor_options("cuda")
-    inductor_config.triton.enable_pdl = pdl
+    g.set_inductor_options("cuda", pdl)
     torch._dynamo.reset()
     return torch.compile(g.model_forward, mode="reduce-overhead", fullgraph=True)
 
@@ -62,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--kernels", choices=["auto", "gemv", "torch"], default="auto", help="int8 kernels, as generate.py's flag")
     p.add_argument("--compile_layer_once", action="store_true", help="as generate.py's flag: one compiled layer reused for all")
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
-    p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="inductor's programmatic dependent launch")
+    p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="programmatic dependent launch (inductor's kernels and our int8 kernels)")
     p.add_argument("--tol", type=float, default=0.05, help="largest relative logit error accepted")
     p.add_argument("--seed", type=int, default=0, help="weights and prompt")
     return p.parse_args(argv)
@@ -85,6 +82,7 @@ def main(argv=None):
     ref = stepped_logits(g.model_forward, model, prompt, tokens)
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
+        quantize.prepare_for_device(model, device, args.kernels, pdl)  # our int8 kernels launch with PDL too
         err, agree = compare(ref, stepped_logits(compiled_step(pdl), model, prompt, tokens))
         worst = max(worst, err)
         print(f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; argmax agrees on {100 * agree:.0f}%")

@@ -146,6 +146,16 @@ def test_gb_per_token_counts_fused_int8_w1_w3_once():
     assert generate.weight_bytes_per_token(model) == before
 
 
+def test_pdl_is_off_where_it_cannot_run_and_the_environment_decides_when_set(monkeypatch):
+    """Programmatic dependent launch is a CUDA (Hopper) launch attribute: never asked for on the CPU or, unmeasured, under TP."""
+    monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
+    assert generate.use_pdl(torch.device("cpu"), use_tp=False) is False
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")
+    assert generate.use_pdl(torch.device("cpu"), use_tp=False) is False
+    monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "0")
+    assert generate.use_pdl(torch.device("cuda"), use_tp=False) is False
+
+
 def test_ngram_proposal_finds_the_latest_longest_match():
     t = torch.tensor([5, 1, 2, 9, 9, 1, 2, 7, 8, 3, 1, 2])
     assert ngram_proposal(t, 2).tolist() == [7, 8]  # latest earlier "1 2" is followed by 7 8

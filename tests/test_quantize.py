@@ -97,6 +97,19 @@ def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
     assert torch.equal(gated(x), ref)
 
 
+def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
+    """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled int8 run."""
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w, s = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.int8), torch.empty(40, dtype=torch.bfloat16)
+        for pdl in (False, True):
+            assert q.int8_gemv_op(x, w, s, pdl).shape == (3, 40)
+            y = q.int8_gated_gemv_op(x, w, s, pdl)
+            assert y.shape == (3, 20) and y.dtype == torch.bfloat16
+
+
 def test_unknown_kernels_choice_is_a_clear_error():
     with pytest.raises(ValueError, match="kernels='gated': use auto, gemv or torch"):
         q.prepare_for_device(FeedForward(tiny_args()), torch.device("cpu"), "gated")
