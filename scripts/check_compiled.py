@@ -6,7 +6,7 @@ Teacher-forced: the eager model decodes greedily; then the decode step compiled 
 the eager ones. bf16 rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as
 one of order 1. Each --pdl setting (inductor's programmatic dependent launch) is compiled afresh.
 
-    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--compile_layer_once]
+    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once]
 """
 
 import argparse
@@ -57,7 +57,12 @@ def parse_args(argv=None):
     p.add_argument("--n_layer", type=int, default=4, help="layers to keep (fewer compile faster; every layer is alike)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the random weights in memory")
     p.add_argument("--kernels", choices=["auto", "gemv", "torch"], default="auto", help="int8 kernels, as generate.py's flag")
-    p.add_argument("--compile_layer_once", action="store_true", help="as generate.py's flag: one compiled layer reused for all")
+    p.add_argument(
+        "--compile_layer_once",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as generate.py's flag (on by default): one compiled layer reused for all",
+    )
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
     p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="programmatic dependent launch (inductor's kernels and our int8 kernels)")
     p.add_argument("--tol", type=float, default=0.05, help="largest relative logit error accepted")
