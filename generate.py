@@ -417,9 +417,10 @@ def parse_args(argv=None):
     p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
     p.add_argument(
         "--kernels",
-        choices=["auto", "gemv", "torch"],
+        choices=["auto", "fused", "gemv", "torch"],
         default="auto",
-        help="int8 matmuls on CUDA: auto (Triton GEMV, w1/w3 as one gated kernel), gemv (Triton GEMV only) or torch (inductor's own)",
+        help="int8 matmuls on CUDA: auto (Triton GEMV, w1/w3 as one gated kernel), fused (also the norms and residual adds; unmeasured), "
+        "gemv (Triton GEMV only) or torch (inductor's own)",
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")

@@ -248,9 +248,13 @@ class Attention(nn.Module):
             state_dict[prefix + "wqkv.weight"] = torch.cat(parts)
 
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
-        B, S, _ = x.shape
+        return self.wo(self.attend(self.wqkv(x), freqs_cis, mask, input_pos))
+
+    def attend(self, qkv: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
+        """Projected q, k, v [B, S, (H + 2 H_kv) D] -> attention output [B, S, H D], before wo; writes the KV cache."""
+        B, S, _ = qkv.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
-        q, k, v = self.wqkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
         q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis)  # [B, S, H, D]
         k = apply_rotary_emb(k.view(B, S, self.n_local_heads, self.head_dim), freqs_cis)  # [B, S, H_kv, D]
         v = v.view(B, S, self.n_local_heads, self.head_dim)
@@ -261,8 +265,7 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
-        y = y.transpose(1, 2).contiguous().view(B, S, q_size)
-        return self.wo(y)
+        return y.transpose(1, 2).contiguous().view(B, S, q_size)
 
 
 class FeedForward(nn.Module):

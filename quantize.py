@@ -13,13 +13,14 @@ measured slower than tinygemm on the H100 (README), so int4 uses tinygemm.
 import argparse
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import ConditionalFeedForward, FeedForward, Transformer
+from model import ConditionalFeedForward, FeedForward, Transformer, TransformerBlock
 
 GROUPSIZES = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
@@ -93,37 +94,61 @@ if triton is not None:
         return (v | 0x4B000000).to(tl.float32, bitcast=True) - (8388608.0 + offset)
 
     @triton.jit
-    def int8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def load_x(x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
+        """x[m, k] as float32; with NORM times the norm weight g[k], and x^2 summed into sq for the row's 1/rms."""
+        x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
+        if NORM:
+            sq += x * x
+            x *= tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        return x, sq
+
+    @triton.jit
+    def int8_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
         """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs).
-        PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish."""
+        PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish.
+        NORM: x is RMS-normalized (weight g) first; 1/rms is one number per row, applied after the sum, so x is
+        read once. RESIDUAL: y += r[m, n] as it is stored."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)
-            x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0)
-            acc += small_int_to_float(w.to(tl.int32) + 128, 128.0) * x.to(tl.float32)[None, :]
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            acc += small_int_to_float(w.to(tl.int32) + 128, 128.0) * x[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
-        s = tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * N + offs_n, (tl.sum(acc, axis=1) * s).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if NORM:
+            y *= tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        if RESIDUAL:
+            y += tl.load(r_ptr + m * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
     int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
 
     @triton.jit
-    def int8_gated_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
+    def int8_gated_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
         """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the int8 GEMVs of rows n and N + n of
-        w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written."""
+        w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written.
+        PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
         for k0 in range(0, K, BLOCK_K):
@@ -132,38 +157,46 @@ if triton is not None:
             rows = offs_n[:, None] * K + k[None, :]
             wa = tl.load(w_ptr + rows, mask=mask, other=0)
             wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
-            x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)[None, :]
-            acc_a += small_int_to_float(wa.to(tl.int32) + 128, 128.0) * x
-            acc_b += small_int_to_float(wb.to(tl.int32) + 128, 128.0) * x
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            acc_a += small_int_to_float(wa.to(tl.int32) + 128, 128.0) * x[None, :]
+            acc_b += small_int_to_float(wb.to(tl.int32) + 128, 128.0) * x[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         a = tl.sum(acc_a, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         b = tl.sum(acc_b, axis=1) * tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if NORM:
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+            a, b = a * inv_rms, b * inv_rms
         tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
 
-def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict) -> Tensor:
+def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict, norm=None, eps=0.0, residual=None) -> Tensor:
     """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned.
-    pdl: launch with programmatic dependent launch (Hopper and later), as inductor launches its own kernels with it."""
+    pdl: launch with programmatic dependent launch (Hopper and later), as inductor launches its own kernels with it.
+    norm [K], eps: RMS-normalize x on the way in; residual [M, N]: added on the way out."""
     M, K = x.shape
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, N, K, PDL=pdl, **launch, **config)
+    g, r = x if norm is None else norm, x if residual is None else residual  # unused pointers when not asked for
+    flags = dict(PDL=pdl, NORM=norm is not None, RESIDUAL=residual is not None)
+    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, g, r, N, K, eps, **flags, **launch, **config)
     return y
 
 
-def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, pdl: bool = False, **config) -> Tensor:
-    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]."""
-    return launch_gemv(int8_gemv_kernel if config else int8_gemv_tuned, x, w, scales, w.shape[0], pdl, config)
+def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, pdl: bool = False, norm=None, eps=0.0, residual=None, **config) -> Tensor:
+    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; x RMS-normalized first with
+    norm (weight [K]), residual [M, N] added to the result, when given."""
+    kernel = int8_gemv_kernel if config else int8_gemv_tuned
+    return launch_gemv(kernel, x, w, scales, w.shape[0], pdl, config, norm, eps, residual)
 
 
-def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool = False, **config) -> Tensor:
+def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool = False, norm=None, eps=0.0, **config) -> Tensor:
     """silu(x @ w1.T) * (x @ w3.T) for int8 w13 = [w1; w3] [2N, K], scales13 [2N]: x [M, K] -> [M, N]."""
     kernel = int8_gated_gemv_kernel if config else int8_gated_gemv_tuned
-    return launch_gemv(kernel, x, w13, scales13, w13.shape[0] // 2, pdl, config)
+    return launch_gemv(kernel, x, w13, scales13, w13.shape[0] // 2, pdl, config, norm, eps)
 
 
 if triton is not None:
@@ -171,19 +204,21 @@ if triton is not None:
     # do, with PDL when asked (torch 2.11 launches the Triton kernels of a triton_op without it).
 
     @torch.library.custom_op("gptfast::int8_gemv", mutates_args=())
-    def int8_gemv_op(x: Tensor, w: Tensor, scales: Tensor, pdl: bool) -> Tensor:
-        return int8_gemv(x, w, scales, pdl)
+    def int8_gemv_op(
+        x: Tensor, w: Tensor, scales: Tensor, pdl: bool, norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None
+    ) -> Tensor:
+        return int8_gemv(x, w, scales, pdl, norm, eps, residual)
 
     @int8_gemv_op.register_fake
-    def _(x, w, scales, pdl):
+    def _(x, w, scales, pdl, norm=None, eps=0.0, residual=None):
         return x.new_empty(x.shape[0], w.shape[0])
 
     @torch.library.custom_op("gptfast::int8_gated_gemv", mutates_args=())
-    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool) -> Tensor:
-        return int8_gated_gemv(x, w13, scales13, pdl)
+    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool, norm: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
+        return int8_gated_gemv(x, w13, scales13, pdl, norm, eps)
 
     @int8_gated_gemv_op.register_fake
-    def _(x, w13, scales13, pdl):
+    def _(x, w13, scales13, pdl, norm=None, eps=0.0):
         return x.new_empty(x.shape[0], w13.shape[0] // 2)
 
 
@@ -224,6 +259,29 @@ class Int8GatedFeedForward(FeedForward):
             return super().forward(x)
         h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13, self.w1.pdl)
         return self.w2(h.view(*x.shape[:-1], -1))
+
+
+class Int8FusedBlock(TransformerBlock):
+    """A transformer layer whose decode step puts the RMSNorms and residual adds inside the int8 kernels: wqkv and
+    the gated w1/w3 kernel normalize their input as they read it, wo and w2 add the residual as they store. That
+    removes the two add-and-norm kernels of each layer. Made by prepare_for_device(kernels="fused"), on one GPU."""
+
+    def __init__(self, block: TransformerBlock):
+        nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+        B, S, D = x.shape
+        if B * S > GEMV_MAX_ROWS:
+            return super().forward(x, input_pos, freqs_cis, mask)
+        attn, ff, x = self.attention, self.feed_forward, x.reshape(B * S, D).contiguous()  # [rows, D]
+        pdl, an, fn = ff.w1.pdl, self.attention_norm, self.ffn_norm
+        qkv = int8_gemv_op(x, attn.wqkv.weight, attn.wqkv.scales, pdl, an.weight, an.eps)
+        y = attn.attend(qkv.view(B, S, -1), freqs_cis, mask, input_pos)
+        h = int8_gemv_op(y.view(B * S, -1), attn.wo.weight, attn.wo.scales, pdl, residual=x)  # x + wo(y)
+        g = int8_gated_gemv_op(h, ff.w13, ff.scales13, pdl, fn.weight, fn.eps)
+        return int8_gemv_op(g, ff.w2.weight, ff.w2.scales, pdl, residual=h).view(B, S, D)  # h + w2(g)
 
 
 class WeightOnlyInt4Linear(nn.Module):
@@ -355,16 +413,12 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto", pdl: bool = False) -> None:
     """Pick each quantized layer's kernel for where it runs; repack int4 codes for torch's kernels (once: idempotent).
-    On CUDA, int8 runs on the Triton GEMV and SwiGLU's w1/w3 on the gated kernel ("auto"); kernels="gemv" keeps
-    the GEMV but not the gated kernel, "torch" neither: inductor's fused dequantize-matmul (the usual approach).
-    pdl: launch the Triton kernels with programmatic dependent launch (generate.use_pdl decides)."""
-    if kernels not in ("auto", "gemv", "torch"):
-        raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
-    cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
+    On CUDA, int8 runs on our Triton kernels (use_int8_kernels); kernels="torch" keeps inductor's fused
+    dequantize-matmul (the usual approach). pdl: launch them with programmatic dependent launch (generate.use_pdl)."""
+    if kernels not in ("auto", "fused", "gemv", "torch"):
+        raise ValueError(f"kernels={kernels!r}: use auto, fused, gemv or torch")
     for m in model.modules():
-        if isinstance(m, WeightOnlyInt8Linear):
-            m.use_triton, m.pdl = cuda_triton, cuda_triton and pdl
-        elif isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
+        if isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
             kernel = "tinygemm" if device.type == "cuda" else "cpu"
             if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16
                 kernel = "reference"
@@ -376,11 +430,34 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
                 m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
             if m.packed is not None:  # one copy in memory: a prepared model is for inference, not for saving
                 m.weight = m.weight.new_empty(0)
-    if cuda_triton and kernels == "auto":  # measured on an H100: int8 250.7 against 243.6 tokens/s (README)
+    cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
+    use_int8_kernels(model, kernels if cuda_triton else "torch", pdl)
+    if cuda_triton:
+        torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
+
+
+def use_int8_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
+    """int8 layers on our Triton kernels: "gemv" the GEMV alone; "auto" also SwiGLU's w1/w3 as one gated kernel
+    (H100: int8 250.7 against 243.6 tokens/s, README); "fused" also the norms and residual adds inside the
+    kernels (Int8FusedBlock); "torch" none of them."""
+    for m in model.modules():
+        if isinstance(m, WeightOnlyInt8Linear):
+            m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
+    if kernels in ("auto", "fused"):
         for name, m in list(model.named_modules()):
             if type(m) is FeedForward and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
                 set_module(model, name, Int8GatedFeedForward(m))
-        torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks: the H100 run held 10.2 GB instead of 8.0
+    if kernels == "fused":
+        for name, m in list(model.named_modules()):
+            if type(m) is TransformerBlock and fusable(m):
+                set_module(model, name, Int8FusedBlock(m))
+
+
+def fusable(block: TransformerBlock) -> bool:
+    """int8 attention and gated feed-forward, and no all-reduce hooks (tensor parallel adds after reducing)."""
+    attn, ff = block.attention, getattr(block, "feed_forward", None)
+    int8 = all(isinstance(lin, WeightOnlyInt8Linear) for lin in (attn.wqkv, attn.wo))
+    return int8 and isinstance(ff, Int8GatedFeedForward) and not (attn._forward_hooks or ff._forward_hooks)
 
 
 # ---------------------------------------------------------------- GPTQ

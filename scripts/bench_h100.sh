@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
 #   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_bf16_pdl check_int8_pdl seed nopdl layer_once
-#   warm_cprofile spec_draft_sampled int8 int8_nopdl int8_gemv int4)
+#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -69,6 +69,9 @@ PY
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
   int8)  # cold, writes its artifact file
     wall $G --prompt 16 --compile --quantize int8 --num_samples 3 --compile_cache "$out/cc_int8.bin" $TEXT >"$out/int8_auto.txt" 2>&1 ;;
+  int8_fused)  # --kernels fused: the norms and residual adds inside the int8 kernels; checked against eager first, then timed cold
+    python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int8 --kernels fused --pdl on >"$out/check_int8_fused.txt" 2>&1
+    wall $G --prompt 16 --compile --quantize int8 --kernels fused --num_samples 3 $TEXT >"$out/int8_fused.txt" 2>&1 ;;
   int8_nopdl)  # int8 without programmatic dependent launch, cold
     TORCHINDUCTOR_ENABLE_PDL=0 wall $G --prompt 16 --compile --quantize int8 --num_samples 3 $TEXT >"$out/int8_nopdl.txt" 2>&1 ;;
   int8_gemv)  # the gated w1/w3 kernel alone, then int8 without it (--kernels gemv), cold, writing its artifact file

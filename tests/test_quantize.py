@@ -79,6 +79,49 @@ def test_triton_int8_gemv_matches_the_plain_pytorch_fallback():
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
+FUSED_CHECK = """
+import copy, torch, triton, quantize as q
+from conftest import random_transformer, tiny_args
+one = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})]  # one config: the autotuner runs without benchmarking
+q.int8_gemv_tuned = triton.autotune(one, key=["N", "K"])(q.int8_gemv_kernel)
+q.int8_gated_gemv_tuned = triton.autotune(one, key=["N", "K"])(q.int8_gated_gemv_kernel)
+def rel(a, b): return float((a - b).norm() / b.norm())
+torch.manual_seed(0)
+x, g, r = torch.randn(3, 320), torch.rand(320) + 0.5, torch.randn(3, 40)
+c, s = q.quantize_int8(torch.randn(40, 320))
+xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
+assert rel(q.int8_gemv(x, c, s, False, g, 1e-5, r), torch.nn.functional.linear(xn, c.float()) * s + r) < 1e-5
+c2, s2 = q.quantize_int8(torch.randn(80, 320))
+ref = torch.nn.functional.linear(xn, c2.float()) * s2
+assert rel(q.int8_gated_gemv(x, c2, s2, False, g, 1e-5), torch.nn.functional.silu(ref[:, :40]) * ref[:, 40:]) < 1e-5
+plain = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int8")  # a small output layer: the interpreter is slow
+fused = copy.deepcopy(plain)
+q.use_int8_kernels(fused, "fused", pdl=False)
+assert all(type(b) is q.Int8FusedBlock for b in fused.layers)
+tokens = torch.randint(0, 512, (1, 16))
+for m in (plain, fused):
+    m.setup_caches(1, 32)
+    m(tokens[:, :12], torch.arange(12), prefill=True)  # 12 rows: the plain path
+torch.set_grad_enabled(False)  # as generate() runs
+for i in range(12, 16):  # decode: one row, the fused kernels
+    pos = torch.tensor([i])
+    assert rel(fused(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, i
+fused.compile_layer_once = True  # compiled as generate.py compiles it: the ops' fake functions, one layer graph
+step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+assert rel(step(fused, tokens[:, 15:16], torch.tensor([15])), plain(tokens[:, 15:16], torch.tensor([15]))) < 1e-5
+print("ok")
+"""
+
+
+def test_fused_int8_block_decodes_as_the_plain_model():
+    """Norms in the GEMV prologue, residual adds in the epilogue (kernels="fused"), in Triton's interpreter: the
+    kernels against the reference, then decode logits against the plain int8 model."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    p = subprocess.run([sys.executable, "-c", FUSED_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+
+
 def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
     """The CUDA decode module: w1 and w3 become views of one [2I, D] matrix; prefill-sized inputs take the plain path."""
     pytest.importorskip("triton")
@@ -111,7 +154,7 @@ def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
 
 
 def test_unknown_kernels_choice_is_a_clear_error():
-    with pytest.raises(ValueError, match="kernels='gated': use auto, gemv or torch"):
+    with pytest.raises(ValueError, match="kernels='gated': use auto, fused, gemv or torch"):
         q.prepare_for_device(FeedForward(tiny_args()), torch.device("cpu"), "gated")
 
 
