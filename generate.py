@@ -552,8 +552,7 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
     """Inductor settings for fast batch-1 decode and quick warm starts (process-wide, as torch keeps them)."""
     import torch._inductor.config as inductor_config
 
-    inductor_config.triton.enable_pdl = pdl
-
+    inductor_config.triton.enable_pdl = pdl  # use_pdl decides
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
