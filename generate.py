@@ -541,11 +541,12 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
 
 def use_pdl(device: torch.device, use_tp: bool) -> bool:
     """Programmatic dependent launch: each kernel starts launching while the one before it drains (Hopper and
-    later). On by default on one GPU (H100 bf16: +7.5%, same logits as without); TORCHINDUCTOR_ENABLE_PDL=0|1 decides when set.
-    Off under tensor parallel, where it is not measured."""
-    if "TORCHINDUCTOR_ENABLE_PDL" in os.environ:
-        return os.environ["TORCHINDUCTOR_ENABLE_PDL"] == "1" and device.type == "cuda"
-    return device.type == "cuda" and torch.version.hip is None and not use_tp and torch.cuda.get_device_capability(device)[0] >= 9
+    later). On by default on one GPU (H100 bf16: +7.5%, same logits as without); TORCHINDUCTOR_ENABLE_PDL=0 turns it
+    off, =1 on under tensor parallel too, where it is not measured."""
+    forced = os.environ.get("TORCHINDUCTOR_ENABLE_PDL")
+    if device.type != "cuda" or torch.version.hip or forced == "0":
+        return False
+    return torch.cuda.get_device_capability(device)[0] >= 9 and (forced == "1" or not use_tp)  # the PTX needs sm_90
 
 
 def set_inductor_options(device: str, pdl: bool = False) -> None:
