@@ -234,6 +234,21 @@ def test_cli_greedy_is_deterministic_and_matches_the_library(capsys, checkpoint,
     assert "decode" in out1 and "tokens/s" in out1
 
 
+def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkpoint, llama2_tokenizer_path, tmp_path):
+    """--compile's default (one compiled layer, reused for every layer) decodes the eager greedy text."""
+    assert generate.parse_args(["--compile"]).compile_layer_once is True
+    assert generate.parse_args(["--compile", "--no-compile_layer_once"]).compile_layer_once is False
+    assert generate.parse_args([]).compile_layer_once is False
+    argv = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
+    argv += ["--prompt", "Once upon a time", "--temperature", "0", "--max_new_tokens", "6", "--num_samples", "1", "--ignore_eos", "--device", "cpu"]
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    outs = [subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600) for extra in ([], ["--compile"])]
+    assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
+    texts = [[line for line in o.stdout.splitlines() if line.startswith("Once upon a time")] for o in outs]
+    assert texts[0] == texts[1] and len(texts[0]) == 1
+    assert "graphs: 0 from cache, 1 compiled" in outs[1].stdout
+
+
 def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_it(checkpoint, llama2_tokenizer_path, tmp_path):
     """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text;
     a second run with the same cache directory compiles nothing."""
