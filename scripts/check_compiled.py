@@ -1,10 +1,11 @@
 """Does the compiled decode step compute what the eager model computes? Check it after changing inductor
 settings or kernels, on the GPU that will run them.
 
-Teacher-forced: the eager model decodes greedily; then the decode step compiled as generate.py compiles it
-(CUDA graphs, the same inductor settings) runs on the same tokens, and each step's logits are compared with
-the eager ones. bf16 rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as
-one of order 1. Each --pdl setting (inductor's programmatic dependent launch) is compiled afresh.
+Teacher-forced: the eager model decodes greedily, quantized layers on the plain PyTorch path (no Triton
+kernels); then the decode step compiled as generate.py compiles it (CUDA graphs, the same inductor settings,
+the --kernels chosen) runs on the same tokens, and each step's logits are compared with the eager ones. bf16
+rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as one of order 1. Each
+--pdl setting (programmatic dependent launch) is compiled afresh.
 
     python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once]
 """
@@ -79,7 +80,7 @@ def main(argv=None):
     model = g.random_model(config, device, torch.bfloat16, args.seed)
     if args.quantize:
         quantize.quantize_model(model, args.quantize, 32)
-    model = g.place(model, device, torch.bfloat16, use_tp=False, kernels=args.kernels)
+    model = g.place(model, device, torch.bfloat16, use_tp=False, kernels="torch")  # the reference: no Triton kernels
     model.compile_layer_once = args.compile_layer_once  # eager, a plain call: the reference is unchanged
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(args.seed)).int().to(device)
     model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.steps)
@@ -87,7 +88,7 @@ def main(argv=None):
     ref = stepped_logits(g.model_forward, model, prompt, tokens)
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
-        quantize.prepare_for_device(model, device, args.kernels, pdl)  # our int8 kernels launch with PDL too
+        quantize.prepare_for_device(model, device, args.kernels, pdl)  # our int8 kernels, launched with PDL or not
         err, agree = compare(ref, stepped_logits(compiled_step(pdl), model, prompt, tokens))
         worst = max(worst, err)
         print(f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; argmax agrees on {100 * agree:.0f}%")
