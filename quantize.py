@@ -222,6 +222,18 @@ if triton is not None:
         return x.new_empty(x.shape[0], w13.shape[0] // 2)
 
 
+@torch.library.custom_op("gptfast::int4_mm_cpu", mutates_args=())
+def int4_mm_cpu(x: Tensor, packed: Tensor, groupsize: int, scales_and_zeros: Tensor) -> Tensor:
+    """torch's CPU int4 matmul, opaque to inductor: inductor's own lowering of it loses the group size inside a
+    compiled layer region ("group size must be a scalar", torch 2.11-2.13)."""
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, groupsize, scales_and_zeros)
+
+
+@int4_mm_cpu.register_fake
+def _(x, packed, groupsize, scales_and_zeros):
+    return x.new_empty(x.shape[0], scales_and_zeros.shape[1])  # [M, N]
+
+
 # ---------------------------------------------------------------- quantized layers
 
 
@@ -301,7 +313,7 @@ class WeightOnlyInt4Linear(nn.Module):
         if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cpu":
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
+            y = int4_mm_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, x.dtype))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)

@@ -53,6 +53,19 @@ def test_cpu_int4_kernel_matches_the_reference():
     assert rel_err(layer(x), ref) < 1e-5
 
 
+@torch.no_grad()
+def test_cpu_int4_model_compiles_with_one_layer_graph_and_matches_eager():
+    """--compile's default on the CPU with int4 weights: inductor's own lowering of the CPU int4 matmul fails inside a
+    layer region (torch 2.11-2.13), so the layers call it as an opaque op; the logits must be eager's."""
+    model = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int4", 32)
+    q.prepare_for_device(model, torch.device("cpu"))
+    model.setup_caches(1, 16)
+    model.compile_layer_once = True
+    tokens, pos = torch.randint(0, 512, (1, 1)), torch.tensor([3])
+    ref = model(tokens, pos)
+    assert rel_err(torch.compile(model, fullgraph=True)(tokens, pos), ref) < 1e-5
+
+
 TRITON_CHECK = """
 import torch, quantize as q
 torch.manual_seed(0)
