@@ -433,6 +433,8 @@ def parse_args(argv=None):
     if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
     check_args(args)
+    if args.compile_layer_once is None:  # one compiled layer is --compile's default
+        args.compile_layer_once = args.compile
     return args
 
 
@@ -448,8 +450,6 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
     if args.compile_layer_once and not args.compile:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
-    if args.compile_layer_once is None:
-        args.compile_layer_once = args.compile
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
