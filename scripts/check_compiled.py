@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--random_init", default="7B", metavar="MODEL_NAME", help="named config of the random model")
     p.add_argument("--n_layer", type=int, default=4, help="layers to keep (fewer compile faster; every layer is alike)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the random weights in memory")
-    p.add_argument("--kernels", choices=["auto", "fused", "gemv", "torch"], default="auto", help="int8 kernels, as generate.py's flag")
+    p.add_argument("--kernels", choices=["auto", "fused", "gemv", "torch"], default="auto", help="quantized kernels, as generate.py's flag")
     p.add_argument(
         "--compile_layer_once",
         action=argparse.BooleanOptionalAction,
@@ -80,7 +80,8 @@ def main(argv=None):
     model = g.random_model(config, device, torch.bfloat16, args.seed)
     if args.quantize:
         quantize.quantize_model(model, args.quantize, 32)
-    model = g.place(model, device, torch.bfloat16, use_tp=False, kernels="torch")  # the reference: no Triton kernels
+    model = g.place(model, device, torch.bfloat16, use_tp=False, kernels=args.kernels)  # int4 packed for the kernels
+    quantize.use_triton_kernels(model, "torch", pdl=False)  # the reference: the plain PyTorch paths, no Triton kernels
     model.compile_layer_once = args.compile_layer_once  # eager, a plain call: the reference is unchanged
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(args.seed)).int().to(device)
     model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.steps)
@@ -88,7 +89,7 @@ def main(argv=None):
     ref = stepped_logits(g.model_forward, model, prompt, tokens)
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
-        quantize.prepare_for_device(model, device, args.kernels, pdl)  # our int8 kernels, launched with PDL or not
+        quantize.use_triton_kernels(model, args.kernels, pdl)  # our kernels, launched with PDL or not
         err, agree = compare(ref, stepped_logits(compiled_step(pdl), model, prompt, tokens))
         worst = max(worst, err)
         print(f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; argmax agrees on {100 * agree:.0f}%")
