@@ -173,41 +173,47 @@ if triton is not None:
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
     @triton.jit
-    def int4_gemv_kernel(x_ptr, w_ptr, sz_ptr, y_ptr, N, K, GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr):
+    def int4_gemv_kernel(
+        x_ptr, w_ptr, sz_ptr, y_ptr, N, K, KW, NG, EXP,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
         """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]); one program per (row m, BLOCK_N
-        outputs). w: int32 [N, K/8] in 256-wide chunks (pack_int4_gemv): word j of a chunk holds in its nibble i the
-        code of k = 32 i + j, so nibble i of a [BLOCK_N, 32] word tile is one group's [BLOCK_N, 32] codes, with one
-        scale and zero per row. sz: int32 [N, K/G], each the bf16 pair (scale, zero). K % 256 == 0.
-        A code becomes a float without a conversion: moved to bits 12-15 (or 16-19) of 0x43000000, it reads as the
-        float 128 + q / 16 (or 128 + q), and one FMA with a per-row scale and offset gives the weight."""
+        outputs). w: int32 [N, KW = K/8] in 256-wide chunks (pack_int4_gemv): word j of a chunk holds in its nibble i
+        the code of k = 32 i + j, so nibble i of a [BLOCK_N, 32] word tile is one group's [BLOCK_N, 32] codes, with one
+        scale and zero per row. sz: int32 [N, NG = K/G], each the bf16 pair (scale, zero). K % 256 == 0.
+        A code becomes a float without a conversion: moved to bits 12-15 (or 16-19) and OR'ed with EXP = 0x43000000,
+        it reads as the float 128 + q / 16 (or 128 + q); one FMA with a per-row scale and offset gives the weight.
+        EXP is an argument, not a literal, so that the AND and the OR compile to one LOP3 instruction."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n < N
         j = tl.arange(0, 32)
+        w_ptrs, sz_ptrs, x_ptrs = w_ptr + offs_n[:, None] * KW + j[None, :], sz_ptr + offs_n * NG, x_ptr + m * K + j
         acc = tl.zeros([BLOCK_N, 32], dtype=tl.float32)  # reduced once at the end
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         for k0 in range(0, K, 256):
-            w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + (k0 // 8 + j)[None, :], mask=offs_n[:, None] < N, other=0)
+            w = tl.load(w_ptrs + k0 // 8, mask=rows[:, None], other=0)
             for i in tl.static_range(8):
-                k = k0 + 32 * i
-                sz = tl.load(sz_ptr + offs_n * (K // GROUP) + k // GROUP, mask=offs_n < N, other=0)
+                sz = tl.load(sz_ptrs + k0 // GROUP + (32 * i) // GROUP, mask=rows, other=0)
                 s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
                 z = (sz & -65536).to(tl.float32, bitcast=True)
                 if i < 4:  # the byte of nibbles 2t, 2t + 1 to bits 12-19
                     v = w << (12 - 8 * (i // 2))
                 else:
                     v = w >> (8 * (i // 2) - 12)
-                if i % 2 == 0:  # bits 12-15: the float 128 + q / 16, so w = v * 16 s + (z - 2056 s)
-                    wf = ((v & 0x0000F000) | 0x43000000).to(tl.float32, bitcast=True) * (16.0 * s)[:, None] + (z - 2056.0 * s)[:, None]
-                else:  # bits 16-19: the float 128 + q, so w = v * s + (z - 136 s)
-                    wf = ((v & 0x000F0000) | 0x43000000).to(tl.float32, bitcast=True) * s[:, None] + (z - 136.0 * s)[:, None]
-                acc += wf * tl.load(x_ptr + m * K + k + j).to(tl.float32)[None, :]
+                if i % 2 == 0:  # bits 12-15: 128 + q / 16, so w = v * 16 s + (z - 2056 s)
+                    wf = ((v & 0x0000F000) | EXP).to(tl.float32, bitcast=True) * (16.0 * s)[:, None] + (z - 2056.0 * s)[:, None]
+                else:  # bits 16-19: 128 + q, so w = v * s + (z - 136 s)
+                    wf = ((v & 0x000F0000) | EXP).to(tl.float32, bitcast=True) * s[:, None] + (z - 136.0 * s)[:, None]
+                acc += wf * tl.load(x_ptrs + k0 + 32 * i).to(tl.float32)[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(y_ptr + m * N + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+        tl.store(y_ptr + m * N + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows)
 
-    _c4 = [triton.Config({"BLOCK_N": n}, num_warps=w, num_stages=s) for n in (8, 16, 32, 64, 128) for w in (2, 4, 8) for s in (1, 3)]
-    int4_gemv_tuned = triton.autotune([c for c in _c4 if c.kwargs["BLOCK_N"] >= c.num_warps], key=["N", "K", "GROUP"])(int4_gemv_kernel)
+    # 2 or 4 rows of 4 words per thread (fewer: more instructions per weight; more: layout shuffles through shared memory)
+    _c4 = [triton.Config({"BLOCK_N": 4 * r * w}, num_warps=w) for r in (2, 4) for w in (1, 2, 4, 8)]
+    int4_gemv_tuned = triton.autotune(_c4, key=["N", "K", "GROUP"])(int4_gemv_kernel)
 
 
 def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict, norm=None, eps=0.0, residual=None) -> Tensor:
@@ -244,7 +250,8 @@ def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = Fals
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     kernel = int4_gemv_kernel if config else int4_gemv_tuned
     launch = {"launch_pdl": True} if pdl else {}
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, sz, y, N, K, GROUP=groupsize, PDL=pdl, **launch, **config)
+    grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    kernel[grid](x, w, sz, y, N, K, K // 8, K // groupsize, 0x43000000, GROUP=groupsize, PDL=pdl, **launch, **config)
     return y
 
 

@@ -78,8 +78,8 @@ PY
     python3 -c 'import sys, torch; sys.path[:0] = ["scripts", "."]; import kernel_bench as kb, generate as g
 bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES["w1/w3"], r, bw) for r in (1, 2)]' >"$out/gated_kernel.txt" 2>&1
     wall $G --prompt 16 --compile --quantize int8 --kernels gemv --num_samples 3 --compile_cache "$out/cc_int8_gemv.bin" $TEXT >"$out/int8_gemv.txt" 2>&1 ;;
-  kernels)  # each GEMV kernel alone, per Llama-2-7B layer shape, at 1 and 2 rows
-    for r in 1 2; do python3 scripts/kernel_bench.py --rows $r; done >"$out/kernels.txt" 2>&1 ;;
+  kernels)  # each GEMV kernel alone, per Llama-2-7B layer shape, at 1 row ($ROWS)
+    for r in ${ROWS:-1}; do python3 scripts/kernel_bench.py --rows $r; done >"$out/kernels.txt" 2>&1 ;;
   check_int4)  # the defaults with int4 (our Triton GEMV, PDL) against the eager model, 2 layers
     python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int4 --pdl on >"$out/check_int4.txt" 2>&1 ;;
   int4)  # cold, group size 32, our Triton GEMV

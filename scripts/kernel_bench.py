@@ -43,7 +43,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     wb = w.to(torch.bfloat16)
     c8, s8 = q.quantize_int8(wb)
     p4, sz = q.quantize_int4(wb, 32)
-    packed = torch.ops.aten._convert_weight_to_int4pack(p4, 8)
+    packed = {t: torch.ops.aten._convert_weight_to_int4pack(p4, t) for t in (2, 4, 8)}  # inner k-tiles
     words, szp = q.pack_int4_gemv(p4, sz)
     ref = x.float() @ wb.float().t()
     ref8 = x.float() @ (c8.float() * s8.float()[:, None]).t()
@@ -53,7 +53,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
         "int8 triton": (lambda: q.int8_gemv(x, c8, s8), ref8, b8),
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
-        "int4 tinygemm": (lambda: torch.ops.aten._weight_int4pack_mm(x, packed, 32, sz), ref4, b4),
+        **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},
         "int4 triton": (lambda: q.int4_gemv(x, words, szp, 32), ref4, b4),
         "int4 triton pdl": (lambda: q.int4_gemv(x, words, szp, 32, pdl=True), ref4, b4),
     }
