@@ -419,8 +419,8 @@ def parse_args(argv=None):
         "--kernels",
         choices=["auto", "fused", "gemv", "torch"],
         default="auto",
-        help="int8 and int4 matmuls on CUDA: auto (Triton GEMVs, int8 w1/w3 as one gated kernel), fused (also the norms and residual adds; unmeasured), "
-        "gemv (Triton GEMVs only) or torch (inductor's int8, torch's tinygemm int4)",
+        help="int8 matmuls on CUDA: auto (Triton GEMV, w1/w3 as one gated kernel), fused (also the norms and residual adds; H100: 5%% slower), "
+        "gemv (Triton GEMV only) or torch (inductor's own)",
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")

@@ -4,10 +4,10 @@ Formats (what `quantize.py` writes and `generate.py` recognises from the tensors
   int8: `weight` int8 [N, K], `scales` [N]                      ->  w = weight * scales
   int4: `weight` uint8 [N, K/2] (even k in the high nibble), `scales_and_zeros` [K/g, N, 2]
                                                                 ->  w = (q - 8) * scale + zero
-The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`; it is repacked at load time for
-the kernel that runs it. On CUDA, decode steps (at most 8 rows) run on the small Triton GEMV kernels below, int8
-and int4 (--kernels torch: inductor's int8 dequantize-matmul and torch's tinygemm int4 instead); larger inputs
-dequantize and matmul. On the CPU, int4 runs on torch's CPU int4 kernel.
+The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`, so it is repacked at load time
+for tinygemm on CUDA or for torch's CPU int4 kernel. On CUDA, int8 decode steps (at most 8 rows) run on the
+small Triton GEMV kernels below; larger inputs use a dequantize-matmul. Two Triton int4 GEMVs were tried and
+measured slower than tinygemm on the H100 (notes/perf.md), so int4 uses tinygemm.
 """
 
 import argparse
@@ -172,49 +172,6 @@ if triton is not None:
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
-    @triton.jit
-    def int4_gemv_kernel(
-        x_ptr, w_ptr, sz_ptr, y_ptr, N, K, KW, NG, EXP,
-        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]); one program per (row m, BLOCK_N
-        outputs). w: int32 [N, KW = K/8] in 256-wide chunks (pack_int4_gemv): word j of a chunk holds in its nibble i
-        the code of k = 32 i + j, so nibble i of a [BLOCK_N, 32] word tile is one group's [BLOCK_N, 32] codes, with one
-        scale and zero per row. sz: int32 [N, NG = K/G], each the bf16 pair (scale, zero). K % 256 == 0.
-        A code becomes a float without a conversion: moved to bits 12-15 (or 16-19) and OR'ed with EXP = 0x43000000,
-        it reads as the float 128 + q / 16 (or 128 + q); one FMA with a per-row scale and offset gives the weight.
-        EXP is an argument, not a literal, so that the AND and the OR compile to one LOP3 instruction."""
-        m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n < N
-        j = tl.arange(0, 32)
-        w_ptrs, sz_ptrs, x_ptrs = w_ptr + offs_n[:, None] * KW + j[None, :], sz_ptr + offs_n * NG, x_ptr + m * K + j
-        acc = tl.zeros([BLOCK_N, 32], dtype=tl.float32)  # reduced once at the end
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-        for k0 in range(0, K, 256):
-            w = tl.load(w_ptrs + k0 // 8, mask=rows[:, None], other=0)
-            for i in tl.static_range(8):
-                sz = tl.load(sz_ptrs + k0 // GROUP + (32 * i) // GROUP, mask=rows, other=0)
-                s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
-                z = (sz & -65536).to(tl.float32, bitcast=True)
-                if i < 4:  # the byte of nibbles 2t, 2t + 1 to bits 12-19
-                    v = w << (12 - 8 * (i // 2))
-                else:
-                    v = w >> (8 * (i // 2) - 12)
-                if i % 2 == 0:  # bits 12-15: 128 + q / 16, so w = v * 16 s + (z - 2056 s)
-                    wf = ((v & 0x0000F000) | EXP).to(tl.float32, bitcast=True) * (16.0 * s)[:, None] + (z - 2056.0 * s)[:, None]
-                else:  # bits 16-19: 128 + q, so w = v * s + (z - 136 s)
-                    wf = ((v & 0x000F0000) | EXP).to(tl.float32, bitcast=True) * s[:, None] + (z - 136.0 * s)[:, None]
-                acc += wf * tl.load(x_ptrs + k0 + 32 * i).to(tl.float32)[None, :]
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        tl.store(y_ptr + m * N + offs_n, tl.sum(acc, axis=1).to(y_ptr.dtype.element_ty), mask=rows)
-
-    # 2 or 4 rows of 4 words per thread (fewer: more instructions per weight; more: layout shuffles through shared memory)
-    _c4 = [triton.Config({"BLOCK_N": 4 * r * w}, num_warps=w) for r in (2, 4) for w in (1, 2, 4, 8)]
-    int4_gemv_tuned = triton.autotune(_c4, key=["N", "K", "GROUP"])(int4_gemv_kernel)
-
 
 def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict, norm=None, eps=0.0, residual=None) -> Tensor:
     """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned.
@@ -242,43 +199,6 @@ def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool = False,
     return launch_gemv(kernel, x, w13, scales13, w13.shape[0] // 2, pdl, config, norm, eps)
 
 
-def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = False, **config) -> Tensor:
-    """Triton int4 GEMV: x [M, K] (M small) against codes int32 [N, K/8] and scale/zero pairs int32 [N, K/G]
-    (pack_int4_gemv) -> [M, N]."""
-    M, K = x.shape
-    N = w.shape[0]
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int4_gemv_kernel if config else int4_gemv_tuned
-    launch = {"launch_pdl": True} if pdl else {}
-    grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    kernel[grid](x, w, sz, y, N, K, K // 8, K // groupsize, 0x43000000, GROUP=groupsize, PDL=pdl, **launch, **config)
-    return y
-
-
-def pack_int4_gemv(packed: Tensor, scales_and_zeros: Tensor) -> tuple[Tensor, Tensor]:
-    """The checkpoint layout (uint8 [N, K/2], [K/G, N, 2]) -> the Triton int4 kernel's: int32 [N, K/8] where, in each
-    256-wide chunk of k, word j holds the code of k = 32 i + j in bits 4i..4i+3; and the bf16 (scale, zero) of
-    each row's groups side by side, as int32 [N, K/G]. Needs K % 256 == 0."""
-    q = unpack_int4(packed)  # [N, K]
-    N, K = q.shape
-    q = q.view(N, K // 256, 8, 32)  # [N, chunk, i, j]
-    words = torch.zeros(N, K // 256, 32, dtype=torch.int32, device=q.device)
-    for i in range(8):
-        words |= q[:, :, i] << (4 * i)
-    sz = scales_and_zeros.to(torch.bfloat16).transpose(0, 1).contiguous()  # [N, K/G, 2]
-    return words.view(N, K // 8), sz.view(torch.int32).view(N, -1)
-
-
-def unpack_int4_gemv(words: Tensor, sz: Tensor, dtype) -> Tensor:
-    """The Triton int4 layout back to weights [N, K] (the plain-PyTorch path, for prefill-sized inputs)."""
-    N, K = words.shape[0], words.shape[1] * 8
-    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=words.device)
-    q = (words.view(N, K // 256, 1, 32) >> shifts.view(1, 1, 8, 1)) & 15  # [N, chunk, i, j]
-    s, z = sz.view(torch.bfloat16).view(N, -1, 2).to(dtype).unbind(-1)  # [N, K/G] each
-    G = K // s.shape[1]
-    return (q.view(N, K).to(dtype) - 8) * s.repeat_interleave(G, dim=1) + z.repeat_interleave(G, dim=1)
-
-
 if triton is not None:
     # Custom ops: inductor sees pure functions it can place in CUDA graphs without copies, and launches them as we
     # do, with PDL when asked (torch 2.11 launches the Triton kernels of a triton_op without it).
@@ -300,14 +220,6 @@ if triton is not None:
     @int8_gated_gemv_op.register_fake
     def _(x, w13, scales13, pdl, norm=None, eps=0.0):
         return x.new_empty(x.shape[0], w13.shape[0] // 2)
-
-    @torch.library.custom_op("gptfast::int4_gemv", mutates_args=())
-    def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool) -> Tensor:
-        return int4_gemv(x, w, sz, groupsize, pdl)
-
-    @int4_gemv_op.register_fake
-    def _(x, w, sz, groupsize, pdl):
-        return x.new_empty(x.shape[0], w.shape[0])
 
 
 @torch.library.custom_op("gptfast::int4_mm_cpu", mutates_args=())
@@ -385,8 +297,7 @@ class Int8FusedBlock(TransformerBlock):
 
 
 class WeightOnlyInt4Linear(nn.Module):
-    """kernel: "triton" (CUDA, our GEMV; dequantize + matmul for prefill), "tinygemm" (CUDA, torch's
-    _weight_int4pack_mm), "cpu" (torch's CPU int4 mm) or "reference" (dequantize + matmul)."""
+    """kernel: "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm) or "reference" (dequantize + matmul)."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
         super().__init__()
@@ -395,17 +306,11 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2, dtype=dtype))
         self.kernel = "reference"
         self.register_buffer("packed", None, persistent=False)  # the kernel's own layout, made by prepare_for_device
-        self.register_buffer("packed_sz", None, persistent=False)  # and its scales and zeros (Triton)
-        self.use_triton = self.pdl = False  # set by use_triton_kernels; off: the Triton layout's plain PyTorch path
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "triton" and self.use_triton and x.shape[0] <= GEMV_MAX_ROWS:
-            y = int4_gemv_op(x.contiguous(), self.packed, self.packed_sz, self.groupsize, self.pdl)
-        elif self.kernel == "triton":
-            y = F.linear(x, unpack_int4_gemv(self.packed, self.packed_sz, x.dtype))
-        elif self.kernel == "tinygemm":
+        if self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cpu":
             y = int4_mm_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
@@ -519,35 +424,28 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto", pdl: bool = False) -> None:
-    """Pick each quantized layer's kernels for where it runs; repack int4 codes for them (once: idempotent).
-    On CUDA our Triton kernels run int8 and int4 decode (use_triton_kernels); kernels="torch" keeps torch's own
-    (inductor's fused int8 dequantize-matmul, tinygemm for int4: the usual approach). pdl: launch ours with
-    programmatic dependent launch (generate.use_pdl)."""
+    """Pick each quantized layer's kernels for where it runs; repack int4 codes for torch's kernels (once: idempotent).
+    On CUDA, int8 runs on our Triton kernels (use_triton_kernels); kernels="torch" keeps inductor's fused
+    dequantize-matmul (the usual approach). pdl: launch ours with programmatic dependent launch (generate.use_pdl)."""
     if kernels not in ("auto", "fused", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, fused, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
     for m in model.modules():
         if isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
-            repack_int4(m, device, cuda_triton)
+            repack_int4(m, device)
     use_triton_kernels(model, kernels if cuda_triton else "torch", pdl)
     if cuda_triton:
         torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
 
 
-def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, cuda_triton: bool) -> None:
-    """The checkpoint's int4 layout -> the chosen kernel's; the checkpoint copy is dropped (a prepared model is for
-    inference, not for saving)."""
+def repack_int4(m: WeightOnlyInt4Linear, device: torch.device) -> None:
+    """The checkpoint's int4 layout -> the kernel's; the checkpoint copy is dropped (a prepared model is for inference,
+    not for saving). tinygemm with 2 inner k-tiles: H100, batch 1, 3-11% faster per layer than 8 (README)."""
     m.kernel = "tinygemm" if device.type == "cuda" else "cpu"
     if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16
         m.kernel = "reference"
-    if cuda_triton and m.in_features % 256 == 0 and m.in_features % m.groupsize == 0:
-        m.kernel = "triton"
-    if m.kernel == "triton":
-        m.packed, m.packed_sz = pack_int4_gemv(m.weight.to(device), m.scales_and_zeros.to(device))
-        m.scales_and_zeros = m.scales_and_zeros.new_empty(0)
-    elif m.kernel == "tinygemm":
-        tiles = 8 if m.in_features % 128 == 0 else (4 if m.in_features % 64 == 0 else 2)
-        m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), tiles)
+    if m.kernel == "tinygemm":
+        m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), 2)
     elif m.kernel == "cpu":
         m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
     if m.packed is not None:
@@ -555,11 +453,11 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, cuda_triton: bool
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """Quantized layers on our Triton kernels: "gemv" the GEMVs alone; "auto" also SwiGLU's int8 w1/w3 as one gated
-    kernel (H100: int8 250.7 against 243.6 tokens/s, README); "fused" also the norms and residual adds inside the
-    int8 kernels (Int8FusedBlock); "torch" none of them (int4 in the Triton layout then dequantizes and matmuls)."""
+    """int8 layers on our Triton kernels: "gemv" the GEMV alone; "auto" also SwiGLU's w1/w3 as one gated kernel
+    (H100: int8 250.7 against 243.6 tokens/s, README); "fused" also the norms and residual adds inside the kernels
+    (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the default); "torch" none of them."""
     for m in model.modules():
-        if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
+        if isinstance(m, WeightOnlyInt8Linear):
             m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
     if kernels in ("auto", "fused"):
         for name, m in list(model.named_modules()):

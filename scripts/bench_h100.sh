@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
 #   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_bf16_pdl check_int8_pdl seed nopdl layer_once
-#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 int4_tinygemm ttft_int4)
+#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 ttft_int4)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -51,8 +51,8 @@ PY
     ;;
   artifacts)  # a new cache directory, as on a fresh machine, with only the artifact file
     TORCHINDUCTOR_CACHE_DIR=/tmp/ind_b wall $G --prompt 16 --compile --num_samples 1 --compile_cache "$out/cc_bf16.bin" >"$out/bf16_artifacts.txt" 2>&1 ;;
-  profile)
-    for q in bf16 int8 int4; do
+  profile)  # kernel tables of the decode step ($PROFILE: which of bf16 int8 int4)
+    for q in ${PROFILE:-bf16 int8 int4}; do
       qa=$([ $q = bf16 ] || echo "--quantize $q")
       $G --prompt 16 --compile $qa --num_samples 2 --profile "/tmp/$q" >"$out/${q}_profile.txt" 2>&1
       python3 scripts/trace_summary.py "/tmp/$q.json" --steps 199 >"$out/${q}_kernels.txt" 2>&1
@@ -80,16 +80,12 @@ bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES[
     wall $G --prompt 16 --compile --quantize int8 --kernels gemv --num_samples 3 --compile_cache "$out/cc_int8_gemv.bin" $TEXT >"$out/int8_gemv.txt" 2>&1 ;;
   kernels)  # each GEMV kernel alone, per Llama-2-7B layer shape, at 1 row ($ROWS)
     for r in ${ROWS:-1}; do python3 scripts/kernel_bench.py --rows $r; done >"$out/kernels.txt" 2>&1 ;;
-  check_int4)  # the defaults with int4 (our Triton GEMV, PDL) against the eager model, 2 layers
+  check_int4)  # the defaults with int4 (tinygemm, PDL for inductor's kernels) against the eager model, 2 layers
     python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int4 --pdl on >"$out/check_int4.txt" 2>&1 ;;
-  int4)  # cold, group size 32, our Triton GEMV
+  int4)  # cold, group size 32
     wall $G --prompt 16 --compile --quantize int4 --num_samples 3 $TEXT >"$out/int4.txt" 2>&1 ;;
-  int4_tinygemm)  # cold, group size 32, torch's tinygemm kernel (--kernels torch)
-    wall $G --prompt 16 --compile --quantize int4 --kernels torch --num_samples 3 $TEXT >"$out/int4_tinygemm.txt" 2>&1 ;;
-  ttft_int4)  # 2040-token prompt with int4 weights: prefill dequantizes the Triton layout, or runs tinygemm
-    P="python3 generate.py --random_init 7B --prompt 2040 --max_new_tokens 8 --ignore_eos --num_samples 3 --quantize int4"
-    $P >"$out/ttft_int4.txt" 2>&1
-    $P --kernels torch >"$out/ttft_int4_tinygemm.txt" 2>&1 ;;
+  ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill on tinygemm
+    python3 generate.py --random_init 7B --prompt 2040 --max_new_tokens 8 --ignore_eos --num_samples 3 --quantize int4 >"$out/ttft_int4.txt" 2>&1 ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
   esac

@@ -135,65 +135,6 @@ def test_fused_int8_block_decodes_as_the_plain_model():
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
 
 
-def test_int4_gemv_layout_unpacks_to_the_checkpoint_weights():
-    """pack_int4_gemv only moves codes (and rounds scales and zeros to bf16, as checkpoints store them)."""
-    w = torch.randn(24, 512)
-    for groupsize in q.GROUPSIZES:
-        packed, sz = q.quantize_int4(w, groupsize)
-        words, szp = q.pack_int4_gemv(packed, sz)
-        assert words.shape == (24, 64) and szp.shape == (24, 512 // groupsize)
-        ref = q.dequantize_int4(packed, sz.to(torch.bfloat16).float(), torch.float32)
-        assert torch.equal(q.unpack_int4_gemv(words, szp, torch.float32), ref)
-
-
-INT4_CHECK = """
-import torch, triton, quantize as q
-from conftest import random_transformer, tiny_args
-q.int4_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 16})], key=["N", "K", "GROUP"])(q.int4_gemv_kernel)
-def rel(a, b): return float((a - b).norm() / b.norm())
-torch.manual_seed(0)
-for M, N, K, G in [(1, 24, 512, 32), (3, 40, 768, 64), (2, 16, 1024, 128), (1, 8, 512, 256)]:
-    packed, sz = q.quantize_int4(torch.randn(N, K), G)
-    words, szp = q.pack_int4_gemv(packed, sz)
-    x = torch.randn(M, K)
-    ref = x @ q.unpack_int4_gemv(words, szp, torch.float32).t()
-    assert rel(q.int4_gemv(x, words, szp, G, BLOCK_N=8), ref) < 1e-5, (M, N, K, G)
-args = tiny_args(vocab_size=512, dim=256, intermediate_size=512, n_head=4, n_local_heads=2)
-plain = q.quantize_model(random_transformer(args), "int4", 32)  # the "reference" kernel: dequantize + matmul
-fast = q.quantize_model(random_transformer(args), "int4", 32)
-for m in [*plain.modules(), *fast.modules()]:
-    if isinstance(m, q.WeightOnlyInt4Linear):  # scales and zeros as checkpoints store them; the kernel reads bf16
-        m.scales_and_zeros = m.scales_and_zeros.to(torch.bfloat16).float()
-for m in fast.modules():
-    if isinstance(m, q.WeightOnlyInt4Linear):
-        q.repack_int4(m, torch.device("cpu"), cuda_triton=True)  # the CUDA choice, here run by the interpreter
-        assert m.kernel == "triton", m.in_features
-q.use_triton_kernels(fast, "auto", pdl=False)
-tokens = torch.randint(0, 512, (1, 16))
-torch.set_grad_enabled(False)
-for m in (plain, fast):
-    m.setup_caches(1, 32)
-prefill = [m(tokens[:, :12], torch.arange(12), prefill=True) for m in (plain, fast)]  # 12 rows: dequantize + matmul
-assert rel(prefill[1], prefill[0]) < 1e-5
-for i in range(12, 15):  # decode: one row, the GEMV kernel
-    pos = torch.tensor([i])
-    assert rel(fast(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, i
-fast.compile_layer_once = True  # as generate.py compiles it: the op's fake function, one layer graph
-step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
-assert rel(step(fast, tokens[:, 15:16], torch.tensor([15])), plain(tokens[:, 15:16], torch.tensor([15]))) < 1e-5
-print("ok")
-"""
-
-
-def test_triton_int4_gemv_matches_the_plain_pytorch_path():
-    """The CUDA int4 decode kernel, in Triton's interpreter: against the dequantized weights (group sizes 32-256,
-    several rows), then a model's prefill and decode logits against the plain int4 model, eager and compiled."""
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    p = subprocess.run([sys.executable, "-c", INT4_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
-
-
 def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
     """The CUDA decode module: w1 and w3 become views of one [2I, D] matrix; prefill-sized inputs take the plain path."""
     pytest.importorskip("triton")
