@@ -268,6 +268,19 @@ class Attention(nn.Module):
         return y.transpose(1, 2).contiguous().view(B, S, q_size)
 
 
+@torch.library.custom_op("gptfast::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy of x that torch.compile cannot see through, so that x is computed once and stored. At batch-1 decode
+    inductor turns w2's matmul into a reduction whose input, silu(w1 x) * w3 x, it would otherwise recompute in
+    every one of its 2048 programs (H100, bf16 7B: 176.8 -> 196.8 tokens/s, same machine)."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()
@@ -276,7 +289,10 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h = F.silu(self.w1(x)) * self.w3(x)
+        if isinstance(self.w2, nn.Linear):  # float weights (quantized layers are opaque already): see materialize
+            h = materialize(h)
+        return self.w2(h)
 
 
 class ConditionalFeedForward(nn.Module):
