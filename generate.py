@@ -422,6 +422,11 @@ def parse_args(argv=None):
         help="int8 matmuls on CUDA: auto (Triton GEMV, w1/w3 as one gated kernel), fused (also the norms and residual adds; H100: 5%% slower), "
         "gemv (Triton GEMV only) or torch (inductor's own)",
     )
+    p.add_argument(
+        "--attention_kernel",
+        action="store_true",
+        help="CUDA: each decode step's attention (RoPE, KV-cache write, softmax(q K^T) V) as one Triton kernel instead of ~8; opt-in, not yet timed",
+    )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")
     p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
@@ -450,6 +455,8 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
     if args.compile_layer_once and not args.compile:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
+    if args.attention_kernel and args.device.split(":")[0] != "cuda":
+        raise SystemExit(f"error: --attention_kernel is a CUDA kernel: drop it for --device {args.device}")
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
@@ -483,6 +490,12 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
         raise SystemExit("error: --speculate draft needs --draft_checkpoint_path")
     if draft is not None and draft.config.vocab_size != model.config.vocab_size:
         raise SystemExit(f"error: draft vocab {draft.config.vocab_size} != target vocab {model.config.vocab_size}: use a draft of the same family")
+    if args.attention_kernel:
+        from model import use_decode_attention_kernel
+
+        for m in (model, draft) if draft is not None else (model,):
+            if not use_decode_attention_kernel(m, pdl):
+                raise SystemExit("error: --attention_kernel needs Triton and power-of-two head sizes and query heads per key/value head")
     return model, draft
 
 

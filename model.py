@@ -239,6 +239,7 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
+        self.decode_kernel_pdl: Optional[bool] = None  # set by use_decode_attention_kernel: one-token steps on our kernel
         self._register_load_state_dict_pre_hook(self._fuse_wq_wk_wv)
 
     def _fuse_wq_wk_wv(self, state_dict, prefix, *args):
@@ -255,11 +256,14 @@ class Attention(nn.Module):
         B, S, _ = qkv.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis)  # [B, S, H, D]
         k = apply_rotary_emb(k.view(B, S, self.n_local_heads, self.head_dim), freqs_cis)  # [B, S, H_kv, D]
         v = v.view(B, S, self.n_local_heads, self.head_dim)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, H, S, D]
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, S, D]
         k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, S_max, D]
+        if S == 1 and mask is not None and self.decode_kernel_pdl is not None:  # q's RoPE and attention in one kernel
+            y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.decode_kernel_pdl)
+            return y.view(B, 1, q_size)
+        q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)  # [B, H, S, D]
         gqa = self.n_head != self.n_local_heads
         if mask is None:  # prefill from position 0: causal over the new tokens alone (flash-eligible)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
@@ -272,7 +276,8 @@ class Attention(nn.Module):
 def materialize(x: Tensor) -> Tensor:
     """A copy of x that torch.compile cannot see through, so that x is computed once and stored. At batch-1 decode
     inductor turns w2's matmul into a reduction whose input, silu(w1 x) * w3 x, it would otherwise recompute in
-    every one of its 2048 programs (H100, bf16 7B: 176.8 -> 196.8 tokens/s, same machine)."""
+    every one of its 2048 programs (H100, bf16 7B: 176.8 -> 196.8 tokens/s, same machine; Mixtral's experts
+    have the same pattern, not yet measured)."""
     return x.clone()
 
 
@@ -316,7 +321,7 @@ class ConditionalFeedForward(nn.Module):
         x = x[:, None, None, :]  # [T, 1, 1, D]
         w1, w3 = self.expert_weight("w1", expert_indices), self.expert_weight("w3", expert_indices)  # [T, A, I, D]
         h = F.silu(torch.sum(x * w1, dim=-1, dtype=torch.float)) * torch.sum(x * w3, dim=-1, dtype=torch.float)  # [T, A, I]
-        h = h.to(x.dtype)[:, :, None, :]  # [T, A, 1, I]
+        h = materialize(h.to(x.dtype))[:, :, None, :]  # [T, A, 1, I]; stored once, as in FeedForward
         return torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float).to(x.dtype)  # [T, A, D]
 
     def forward_expert(self, x: Tensor, e: int) -> Tensor:
@@ -388,3 +393,86 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
     out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
     return out.flatten(3).type_as(x)
+
+
+# ---------------------------------------------------------------- decode attention in one kernel (CUDA, opt-in)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs
+    triton = None
+
+if triton is not None:
+
+    @triton.jit
+    def decode_attention_kernel(
+        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, S_MAX, scale,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """One decode step of attention for batch row b and key/value head h: RoPE on the new q, then
+        softmax(q K^T * scale) V over cache positions 0..pos (the caches [B, HKV, S_MAX, D] already hold this
+        step's k and v) for the G = H / HKV query heads that share h, online softmax over BLOCK_T positions at a time.
+        qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos; y: [B, H D]."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = H // HKV
+        half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
+        pos = tl.load(pos_ptr)
+        c, s = tl.load(fc_ptr + 2 * half).to(tl.float32), tl.load(fc_ptr + 2 * half + 1).to(tl.float32)
+        row = qkv_ptr + b * (H + 2 * HKV) * D
+        cache = (b * HKV + h) * S_MAX * D  # this head's [S_MAX, D] block in either cache
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # qkv is the previous kernel's output
+        q_even = row + (h * G + g[:, None]) * D + 2 * half[None, :]  # [G, D/2]: q's interleaved pairs (x0, x1)
+        x0, x1 = tl.load(q_even).to(tl.float32), tl.load(q_even + 1).to(tl.float32)
+        q = tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x1 * c[None, :] + x0 * s[None, :]), [G, D])  # RoPE
+        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale  # rounded to the model's dtype, as SDPA's input is
+        m = tl.full([G], float("-inf"), tl.float32)
+        l = tl.zeros([G], tl.float32)
+        acc = tl.zeros([G, D], tl.float32)
+        for t0 in range(0, pos + 1, BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            rows = cache + t[:, None] * D + d[None, :]  # [BLOCK_T, D]
+            kt = tl.load(k_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
+            score = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [G, BLOCK_T]
+            score = tl.where(t[None, :] <= pos, score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, axis=1))
+            p = tl.exp(score - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            vt = tl.load(v_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+            l, m = l * alpha + tl.sum(p, axis=1), m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], (acc / l[:, None]).to(y_ptr.dtype.element_ty))
+
+    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+    def decode_attention(qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool) -> Tensor:
+        """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
+        [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
+        functionalize a custom op that writes them inside the compiled layer region (torch 2.13)."""
+        (_, HKV, S_MAX, D), B = k_cache.shape, qkv.shape[0]  # the caches may hold more batch rows than this step
+        G = n_head // HKV
+        y = qkv.new_empty(B, n_head * D)
+        launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
+        decode_attention_kernel[(B, HKV)](
+            qkv, freqs, input_pos, k_cache, v_cache, y, S_MAX, D**-0.5, H=n_head, HKV=HKV, D=D, BLOCK_T=max(8, 64 // G), PDL=pdl, **launch
+        )
+        return y
+
+    @decode_attention.register_fake
+    def _(qkv, freqs, input_pos, k_cache, v_cache, n_head, pdl):
+        return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+
+
+def use_decode_attention_kernel(model: Transformer, pdl: bool) -> bool:
+    """Run one-token decode steps' attention on decode_attention_kernel (q's RoPE, q K^T, softmax and the sum over
+    V in one launch, where inductor makes about 6); needs Triton, and power-of-two head size and query heads per
+    key/value head."""
+    attn = model.layers[0].attention  # heads per process under tensor parallel
+    G, D = attn.n_head // attn.n_local_heads, attn.head_dim
+    if triton is None or G & (G - 1) or D & (D - 1):
+        return False
+    for layer in model.layers:
+        layer.attention.decode_kernel_pdl = pdl
+    return True

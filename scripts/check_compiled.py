@@ -7,7 +7,7 @@ the --kernels chosen) runs on the same tokens, and each step's logits are compar
 rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as one of order 1. Each
 --pdl setting (programmatic dependent launch) is compiled afresh.
 
-    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once]
+    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once] [--attention_kernel]
 """
 
 import argparse
@@ -22,7 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
 import quantize  # noqa: E402
-from model import ModelArgs, Transformer  # noqa: E402
+from model import ModelArgs, Transformer, use_decode_attention_kernel  # noqa: E402
 
 
 @torch.no_grad()
@@ -64,6 +64,7 @@ def parse_args(argv=None):
         default=True,
         help="as generate.py's flag (on by default): one compiled layer reused for all",
     )
+    p.add_argument("--attention_kernel", action="store_true", help="as generate.py's flag: decode attention as one Triton kernel")
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
     p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="programmatic dependent launch (inductor's kernels and our int8 kernels)")
     p.add_argument("--tol", type=float, default=0.05, help="largest relative logit error accepted")
@@ -90,6 +91,8 @@ def main(argv=None):
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
         quantize.use_triton_kernels(model, args.kernels, pdl)  # our kernels, launched with PDL or not
+        if args.attention_kernel and not use_decode_attention_kernel(model, pdl):
+            raise SystemExit("error: --attention_kernel does not fit this model's head sizes")
         err, agree = compare(ref, stepped_logits(compiled_step(pdl), model, prompt, tokens))
         worst = max(worst, err)
         print(f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; argmax agrees on {100 * agree:.0f}%")

@@ -290,6 +290,7 @@ def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_
     assert "--top_p 0.0 is outside" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_p", "0")
     assert "--speculate_k -2 must be at least 1" in cli_error(capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2")
     assert "add --compile" in cli_error(capsys, "--checkpoint_path", checkpoint, "--compile_layer_once")
+    assert "--attention_kernel is a CUDA kernel" in cli_error(capsys, "--checkpoint_path", checkpoint, "--attention_kernel", "--device", "cpu")
 
 
 class Boom:

@@ -1,8 +1,11 @@
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
-from conftest import full_logits, random_transformer, rel_err, tiny_args
+from conftest import ROOT, full_logits, random_transformer, rel_err, tiny_args
 from convert_hf_checkpoint import convert_state_dict
 
 from model import ModelArgs, Transformer
@@ -152,3 +155,41 @@ def test_compile_layer_once_traces_one_layer_graph_and_matches_eager():
     torch._dynamo.reset()
     with torch.no_grad():
         assert rel_err(torch.compile(model, fullgraph=True)(prompt, pos), ref) < 1e-5  # inductor, as generate.py compiles
+
+
+ATTENTION_CHECK = """
+import copy, torch, model as M
+from conftest import random_transformer, tiny_args
+def rel(a, b): return float((a - b).norm() / b.norm())
+torch.set_grad_enabled(False)
+for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_heads=2, dim=256)):  # MHA, GQA
+    plain = random_transformer(tiny_args(vocab_size=512, **kw))
+    fast = copy.deepcopy(plain)
+    assert M.use_decode_attention_kernel(fast, pdl=False)
+    tokens = torch.randint(0, 512, (2, 40))
+    for m in (plain, fast):
+        m.setup_caches(2, 64)
+        m(tokens[:, :30], torch.arange(30), prefill=True)  # prefill: SDPA in both
+    for i in range(30, 33):
+        pos = torch.tensor([i])
+        assert rel(fast(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, (kw, i)
+    for a, b in zip(fast.layers, plain.layers):  # the rows the kernel wrote, and those it must leave alone
+        assert rel(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache) < 1e-6
+        assert rel(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache) < 1e-6
+    fast.compile_layer_once = True  # as generate.py compiles the decode step
+    step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+    pos = torch.tensor([33])
+    assert rel(step(fast, tokens[:, 33:34], pos), plain(tokens[:, 33:34], pos)) < 1e-5, kw
+    assert rel(fast.layers[1].attention.kv_cache.k_cache, plain.layers[1].attention.kv_cache.k_cache) < 1e-6
+assert not M.use_decode_attention_kernel(random_transformer(tiny_args(dim=96, n_head=2, n_local_heads=2)), pdl=False)  # head 48
+print("ok")
+"""
+
+
+def test_decode_attention_kernel_matches_sdpa():
+    """--attention_kernel's Triton decode step, in Triton's interpreter: logits and the KV caches it writes against
+    the SDPA path, for MHA and GQA at batch 2, eager and compiled as generate.py compiles it."""
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    p = subprocess.run([sys.executable, "-c", ATTENTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
