@@ -407,14 +407,15 @@ if triton is not None:
 
     @triton.jit
     def decode_attention_kernel(
-        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, S_MAX, scale,
-        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, PDL: tl.constexpr,
+        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, acc_ptr, ml_ptr, S_MAX, CHUNK, scale,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
-        """One decode step of attention for batch row b and key/value head h: RoPE on the new q, then
-        softmax(q K^T * scale) V over cache positions 0..pos (the caches [B, HKV, S_MAX, D] already hold this
-        step's k and v) for the G = H / HKV query heads that share h, online softmax over BLOCK_T positions at a time.
-        qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos; y: [B, H D]."""
-        b, h = tl.program_id(0), tl.program_id(1)
+        """One decode step of attention for batch row b, key/value head h and its G = H / HKV query heads, over
+        cache positions [split * CHUNK, (split + 1) * CHUNK) up to pos (the caches [B, HKV, S_MAX, D] already hold
+        this step's k and v): RoPE on the new q, then an online softmax(q K^T * scale) V, BLOCK_T positions at a time.
+        qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos. One split writes y [B, H D];
+        several write their unnormalized sums to acc [B, HKV, SPLITS, G, D] and (max, sum) to ml [..., G, 2]."""
+        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = H // HKV
         half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
         pos = tl.load(pos_ptr)
@@ -430,7 +431,7 @@ if triton is not None:
         m = tl.full([G], float("-inf"), tl.float32)
         l = tl.zeros([G], tl.float32)
         acc = tl.zeros([G, D], tl.float32)
-        for t0 in range(0, pos + 1, BLOCK_T):
+        for t0 in range(split * CHUNK, tl.minimum((split + 1) * CHUNK, pos + 1), BLOCK_T):
             t = t0 + tl.arange(0, BLOCK_T)
             rows = cache + t[:, None] * D + d[None, :]  # [BLOCK_T, D]
             kt = tl.load(k_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
@@ -444,20 +445,54 @@ if triton is not None:
             l, m = l * alpha + tl.sum(p, axis=1), m_new
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], (acc / l[:, None]).to(y_ptr.dtype.element_ty))
+        if SPLITS == 1:
+            tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], (acc / l[:, None]).to(y_ptr.dtype.element_ty))
+        else:  # an empty split (past pos) leaves m = -inf, l = 0, acc = 0: weight 0 when combined
+            part = (b * HKV + h) * SPLITS + split
+            tl.store(acc_ptr + (part * G + g[:, None]) * D + d[None, :], acc)
+            tl.store(ml_ptr + (part * G + g) * 2, m)
+            tl.store(ml_ptr + (part * G + g) * 2 + 1, l)
+
+    @triton.jit
+    def combine_splits_kernel(acc_ptr, ml_ptr, y_ptr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """y [B, H D] from the splits' partial sums: each split's share rescaled by exp(its max - the overall max)."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = H // HKV
+        sp, g, d = tl.arange(0, SPLITS), tl.arange(0, G), tl.arange(0, D)
+        part = ((b * HKV + h) * SPLITS + sp[:, None]) * G + g[None, :]  # [SPLITS, G]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        m, l = tl.load(ml_ptr + part * 2), tl.load(ml_ptr + part * 2 + 1)
+        w = tl.exp(m - tl.max(m, axis=0)[None, :])  # split 0 always holds position 0, so the max is finite
+        acc = tl.sum(w[:, :, None] * tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :]), axis=0)  # [G, D]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = acc / tl.sum(w * l, axis=0)[:, None]
+        tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty))
 
     @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
     def decode_attention(qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool) -> Tensor:
         """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
         [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
-        functionalize a custom op that writes them inside the compiled layer region (torch 2.13)."""
+        functionalize a custom op that writes them inside the compiled layer region (torch 2.13).
+        The cache is split into up to SPLITS ranges (flash-decoding) so that about two programs per SM run even when
+        batch x key/value heads is small (Llama 3 8B at batch 1: 8); a second kernel combines them."""
         (_, HKV, S_MAX, D), B = k_cache.shape, qkv.shape[0]  # the caches may hold more batch rows than this step
         G = n_head // HKV
+        block_t = max(8, 32 // G)  # q K^T as a [G, BLOCK_T, D] product: about 4K values, no register spills
+        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
+        splits = 1 << (min(triton.cdiv(S_MAX, block_t), max(1, 2 * sms // (B * HKV))).bit_length() - 1)  # a power of 2
+        chunk = triton.cdiv(triton.cdiv(S_MAX, splits), block_t) * block_t
         y = qkv.new_empty(B, n_head * D)
+        acc = torch.empty(B, HKV, splits, G, D, dtype=torch.float32, device=qkv.device) if splits > 1 else y
+        ml = torch.empty(B, HKV, splits, G, 2, dtype=torch.float32, device=qkv.device) if splits > 1 else y
         launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
-        decode_attention_kernel[(B, HKV)](
-            qkv, freqs, input_pos, k_cache, v_cache, y, S_MAX, D**-0.5, H=n_head, HKV=HKV, D=D, BLOCK_T=max(8, 64 // G), PDL=pdl, **launch
-        )
+        decode_attention_kernel[(B, HKV, splits)](
+            qkv, freqs, input_pos, k_cache, v_cache, y, acc, ml, S_MAX, chunk, D**-0.5,
+            H=n_head, HKV=HKV, D=D, BLOCK_T=block_t, SPLITS=splits, PDL=pdl, **launch,
+        )  # fmt: skip
+        if splits > 1:
+            combine_splits_kernel[(B, HKV)](acc, ml, y, H=n_head, HKV=HKV, D=D, SPLITS=splits, PDL=pdl, **launch)
         return y
 
     @decode_attention.register_fake

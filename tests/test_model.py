@@ -168,7 +168,7 @@ for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_head
     assert M.use_decode_attention_kernel(fast, pdl=False)
     tokens = torch.randint(0, 512, (2, 40))
     for m in (plain, fast):
-        m.setup_caches(2, 64)
+        m.setup_caches(2, 64)  # 64 cache rows: 2 (MHA) and 4 (GQA) ranges, some empty, combined by a second kernel
         m(tokens[:, :30], torch.arange(30), prefill=True)  # prefill: SDPA in both
     for i in range(30, 33):
         pos = torch.tensor([i])
