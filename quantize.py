@@ -24,6 +24,7 @@ from model import ConditionalFeedForward, FeedForward, Transformer, TransformerB
 
 GROUPSIZES = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
+DEQUANT_MIN_ROWS = 64  # int4 inputs with more rows (prefill) dequantize to bf16 and matmul: tinygemm is built for few
 
 try:
     import triton
@@ -72,6 +73,25 @@ def quantize_int4(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
 def unpack_int4(packed: Tensor) -> Tensor:
     """uint8 [N, K/2] -> codes [N, K] (int32, 0..15)."""
     return torch.stack([packed >> 4, packed & 15], dim=-1).reshape(packed.shape[0], -1).to(torch.int32)
+
+
+def tinygemm_codes(packed: Tensor) -> Tensor:
+    """torch's CUDA int4 layout (`_convert_weight_to_int4pack`: int32 [N/8, K/(16 IK), 32, IK/2] for IK inner k-tiles)
+    -> codes uint8 [N, K]. Lane t of an 8-row tile holds row t // 4; its word j covers bytes 16 j + 4 i + t % 4 of the
+    super-tile (i = 0..3), whose high nibbles (even k) sit in bits 4i..4i+3 and low nibbles (odd k) in bits 16+4i..
+    prepare_for_device checks this against torch's own packing before trusting it."""
+    NT, KO, _, J = packed.shape
+    shifts = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28], dtype=torch.int32, device=packed.device)  # (i, even/odd k)
+    q = ((packed.view(NT, KO, 8, 4, J, 1) >> shifts) & 15).to(torch.uint8)  # [NT, KO, r, c, J, (i, parity)]
+    q = q.view(NT, KO, 8, 4, J, 4, 2).permute(0, 2, 1, 4, 5, 3, 6)  # [NT, r, KO, J, i, c, parity]
+    return q.reshape(NT * 8, KO * J * 32)
+
+
+def dequantize_codes(q: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
+    """Codes [N, K] and scales_and_zeros [K/g, N, 2] -> weights [N, K] = (q - 8) * scale + zero, group by group."""
+    N, K = q.shape
+    s, z = scales_and_zeros.to(dtype).transpose(0, 1).unbind(-1)  # [N, K/g] each
+    return ((q.view(N, s.shape[1], -1).to(dtype) - 8) * s[..., None] + z[..., None]).view(N, K)
 
 
 def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
@@ -306,11 +326,14 @@ class WeightOnlyInt4Linear(nn.Module):
         self.register_buffer("scales_and_zeros", torch.empty(in_features // groupsize, out_features, 2, dtype=dtype))
         self.kernel = "reference"
         self.register_buffer("packed", None, persistent=False)  # the kernel's own layout, made by prepare_for_device
+        self.dequant_prefill = False  # tinygemm: inputs of over DEQUANT_MIN_ROWS rows dequantize and matmul instead
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "tinygemm":
+        if self.kernel == "tinygemm" and self.dequant_prefill and x.shape[0] > DEQUANT_MIN_ROWS:
+            y = F.linear(x, dequantize_codes(tinygemm_codes(self.packed), self.scales_and_zeros, x.dtype))
+        elif self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
         elif self.kernel == "cpu":
             y = int4_mm_cpu(x, self.packed, self.groupsize, self.scales_and_zeros.to(x.dtype))
@@ -430,9 +453,12 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
     if kernels not in ("auto", "fused", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, fused, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
-    for m in model.modules():
-        if isinstance(m, WeightOnlyInt4Linear) and m.packed is None:
+    int4 = [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear)]
+    for m in int4:
+        if m.packed is None:
             repack_int4(m, device)
+    if any(m.kernel == "tinygemm" and not m.dequant_prefill for m in int4):
+        print("note: this torch packs int4 weights in a layout quantize.tinygemm_codes does not read: long prompts run on tinygemm (slower)")
     use_triton_kernels(model, kernels if cuda_triton else "torch", pdl)
     if cuda_triton:
         torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
@@ -440,12 +466,16 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
 
 def repack_int4(m: WeightOnlyInt4Linear, device: torch.device) -> None:
     """The checkpoint's int4 layout -> the kernel's; the checkpoint copy is dropped (a prepared model is for inference,
-    not for saving). tinygemm with 2 inner k-tiles: H100, batch 1, 3-11% faster per layer than 8 (README)."""
+    not for saving). tinygemm with 2 inner k-tiles: H100, batch 1, 3-11% faster per layer than 8 (README). Prefill
+    (over DEQUANT_MIN_ROWS rows) dequantizes from that layout: tinygemm re-reads the weights for every 16 rows
+    (H100, 2040-token prompt: 950 ms, against 185 ms dequantizing from a second copy)."""
     m.kernel = "tinygemm" if device.type == "cuda" else "cpu"
     if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16
         m.kernel = "reference"
     if m.kernel == "tinygemm":
         m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), 2)
+        # prefill reads the codes back out of torch's layout: only if this torch packs as tinygemm_codes expects
+        m.dequant_prefill = torch.equal(tinygemm_codes(m.packed[:1]), unpack_int4(m.weight[:8].to(device)).to(torch.uint8))
     elif m.kernel == "cpu":
         m.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(m.weight.cpu()), 1)
     if m.packed is not None:

@@ -1,3 +1,4 @@
+import itertools
 import os
 import subprocess
 import sys
@@ -42,6 +43,30 @@ def test_int4_pack_unpack_is_exact():
     packed, _ = q.pack_int4(codes, torch.ones(7, 2), torch.zeros(7, 2))
     assert packed.dtype == torch.uint8 and packed.shape == (7, 32)
     assert torch.equal(q.unpack_int4(packed), codes)
+
+
+def tinygemm_pack_reference(packed: torch.Tensor, inner_k_tiles: int) -> torch.Tensor:
+    """torch's CUDA _convert_weight_to_int4pack, its index arithmetic written out as loops (the op needs a GPU)."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    out = torch.zeros(N // 8, K // (inner_k_tiles * 16), 32, inner_k_tiles // 2, dtype=torch.int64)
+    for n_tile, k_tile, lane, inner in itertools.product(*(range(d) for d in out.shape)):
+        base = (k_tile * inner_k_tiles + 2 * inner) * 8 + lane % 4  # bytes of k: 2 k-tiles of 16 codes per word
+        v = [int(packed[n_tile * 8 + lane // 4, base + off]) for off in (0, 4, 8, 12)]
+        out[n_tile, k_tile, lane, inner] = sum((b >> 4) << (4 * i) | (b & 15) << (16 + 4 * i) for i, b in enumerate(v))
+    return (out - (out >= 2**31) * 2**32).to(torch.int32)
+
+
+@pytest.mark.parametrize("inner_k_tiles", [2, 4, 8])
+def test_int4_prefill_reads_codes_back_out_of_the_cuda_layout(inner_k_tiles):
+    """Long prompts dequantize from torch's CUDA int4 layout (tinygemm re-reads the weights per 16 rows): the codes
+    read back are the checkpoint's, and an 80-row input gives the reference layer's output."""
+    w, x = torch.randn(16, 256), torch.randn(80, 256)
+    layer = q.int4_layer(torch.nn.Linear(256, 16, bias=False), *q.quantize_int4(w, 32))
+    layer.packed = tinygemm_pack_reference(layer.weight, inner_k_tiles)
+    assert torch.equal(q.tinygemm_codes(layer.packed), q.unpack_int4(layer.weight).to(torch.uint8))
+    ref = layer(x)  # "reference" kernel: plain PyTorch dequantize + matmul
+    layer.kernel, layer.dequant_prefill = "tinygemm", True
+    assert rel_err(layer(x), ref) < 1e-6
 
 
 def test_cpu_int4_kernel_matches_the_reference():
