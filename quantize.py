@@ -96,11 +96,7 @@ def dequantize_codes(q: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
 
 def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
     """The plain-PyTorch reference: uint8 [N, K/2], [K/g, N, 2] -> weights [N, K]."""
-    q = unpack_int4(packed)
-    groupsize = q.shape[1] // scales_and_zeros.shape[0]
-    s = scales_and_zeros[..., 0].t().to(dtype).repeat_interleave(groupsize, dim=1)  # [N, K]
-    z = scales_and_zeros[..., 1].t().to(dtype).repeat_interleave(groupsize, dim=1)
-    return (q.to(dtype) - 8) * s + z
+    return dequantize_codes(unpack_int4(packed), scales_and_zeros, dtype)
 
 
 # ---------------------------------------------------------------- Triton GEMV kernels (decode at batch <= 8)
