@@ -425,7 +425,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--attention_kernel",
         action="store_true",
-        help="CUDA: each decode step's attention (RoPE, KV-cache write, softmax(q K^T) V) as one Triton kernel instead of ~8; opt-in, not yet timed",
+        help="CUDA: each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel instead of ~6; opt-in, not yet timed",
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")

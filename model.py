@@ -418,12 +418,12 @@ if triton is not None:
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = H // HKV
         half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
-        pos = tl.load(pos_ptr)
-        c, s = tl.load(fc_ptr + 2 * half).to(tl.float32), tl.load(fc_ptr + 2 * half + 1).to(tl.float32)
         row = qkv_ptr + b * (H + 2 * HKV) * D
         cache = (b * HKV + h) * S_MAX * D  # this head's [S_MAX, D] block in either cache
         if PDL:
-            tl.extra.cuda.gdc_wait()  # qkv is the previous kernel's output
+            tl.extra.cuda.gdc_wait()  # qkv, the cache rows and the RoPE row are earlier kernels' outputs
+        pos = tl.load(pos_ptr)
+        c, s = tl.load(fc_ptr + 2 * half).to(tl.float32), tl.load(fc_ptr + 2 * half + 1).to(tl.float32)
         q_even = row + (h * G + g[:, None]) * D + 2 * half[None, :]  # [G, D/2]: q's interleaved pairs (x0, x1)
         x0, x1 = tl.load(q_even).to(tl.float32), tl.load(q_even + 1).to(tl.float32)
         q = tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x1 * c[None, :] + x0 * s[None, :]), [G, D])  # RoPE
