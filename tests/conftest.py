@@ -1,4 +1,6 @@
 import json
+import os
+import subprocess
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -59,3 +61,11 @@ def full_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def run_in_triton_interpreter(code: str) -> None:
+    """Run a test script with TRITON_INTERPRET=1 (read when triton is imported, so in a fresh process); it must print
+    ok. CUDA kernels run on CPU tensors this way."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]

@@ -1,11 +1,8 @@
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, full_logits, random_transformer, rel_err, tiny_args
+from conftest import full_logits, random_transformer, rel_err, run_in_triton_interpreter, tiny_args
 from convert_hf_checkpoint import convert_state_dict
 
 from model import ModelArgs, Transformer
@@ -190,6 +187,4 @@ def test_decode_attention_kernel_matches_sdpa():
     """--attention_kernel's Triton decode step, in Triton's interpreter: logits and the KV caches it writes against
     the SDPA path, for MHA and GQA at batch 2, eager and compiled as generate.py compiles it."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    p = subprocess.run([sys.executable, "-c", ATTENTION_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-3000:]
+    run_in_triton_interpreter(ATTENTION_CHECK)

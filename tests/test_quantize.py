@@ -1,11 +1,8 @@
 import itertools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from conftest import ROOT, full_logits, random_transformer, rel_err, save_checkpoint, tiny_args
+from conftest import full_logits, random_transformer, rel_err, run_in_triton_interpreter, save_checkpoint, tiny_args
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -112,9 +109,7 @@ print("ok")
 def test_triton_int8_gemv_matches_the_plain_pytorch_fallback():
     """The CUDA fast path, run by Triton's interpreter on the CPU, against the reference."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    p = subprocess.run([sys.executable, "-c", TRITON_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+    run_in_triton_interpreter(TRITON_CHECK)
 
 
 FUSED_CHECK = """
@@ -155,9 +150,7 @@ def test_fused_int8_block_decodes_as_the_plain_model():
     """Norms in the GEMV prologue, residual adds in the epilogue (kernels="fused"), in Triton's interpreter: the
     kernels against the reference, then decode logits against the plain int8 model."""
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'tests'}")
-    p = subprocess.run([sys.executable, "-c", FUSED_CHECK], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr[-2000:]
+    run_in_triton_interpreter(FUSED_CHECK)
 
 
 def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
