@@ -88,7 +88,7 @@ bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES[
     wall $G --prompt 16 --compile --quantize int8 --attention_kernel --num_samples 3 $TEXT >"$out/int8_attention.txt" 2>&1 ;;
   int4)  # cold, group size 32
     wall $G --prompt 16 --compile --quantize int4 --num_samples 3 $TEXT >"$out/int4.txt" 2>&1 ;;
-  ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill on tinygemm
+  ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill, dequantized from tinygemm's layout
     python3 generate.py --random_init 7B --prompt 2040 --max_new_tokens 8 --ignore_eos --num_samples 3 --quantize int4 >"$out/ttft_int4.txt" 2>&1 ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;
