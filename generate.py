@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, lower_materialize_to_a_buffer, use_decode_attention_kernel
 
 # ---------------------------------------------------------------- sampling
 
@@ -42,10 +42,19 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[in
     return probs
 
 
-def sample(logits: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
-    """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V])."""
-    probs = logits_to_probs(logits[:, -1], **sampling_kwargs)
-    return multinomial_sample_one_no_sync(probs), probs
+def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V]). With top_k, exactly the k largest
+    logits are candidates (logits_to_probs keeps ties with the k-th too)."""
+    logits = logits[:, -1].float()  # [B, V]
+    if temperature == 0 or top_k is None or top_k >= logits.size(-1):
+        probs = logits_to_probs(logits, temperature, top_k, top_p)
+        return multinomial_sample_one_no_sync(probs), probs
+    # Softmax and draw over the k candidates alone: at batch 1 a softmax over the whole vocabulary is one GPU
+    # program (24 us a token on an H100), and unsorted top-k skips a sort (21 us).
+    top, idx = torch.topk(logits, top_k, sorted=False)  # [B, k]
+    probs_k = logits_to_probs(top, temperature, None, top_p)  # [B, k]
+    token = idx.gather(-1, multinomial_sample_one_no_sync(probs_k).long()).int()  # [B, 1]
+    return token, torch.zeros_like(logits).scatter_(-1, idx, probs_k)
 
 
 # ---------------------------------------------------------------- the generation loop
@@ -424,8 +433,10 @@ def parse_args(argv=None):
     )
     p.add_argument(
         "--attention_kernel",
-        action="store_true",
-        help="CUDA: each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel instead of ~6; opt-in, not yet timed",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel instead of ~6; "
+        "default: on for one CUDA GPU when the head sizes are powers of two (H100: bf16 +2.8%%, int8 +8.1%%)",
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")
@@ -490,12 +501,13 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
         raise SystemExit("error: --speculate draft needs --draft_checkpoint_path")
     if draft is not None and draft.config.vocab_size != model.config.vocab_size:
         raise SystemExit(f"error: draft vocab {draft.config.vocab_size} != target vocab {model.config.vocab_size}: use a draft of the same family")
-    if args.attention_kernel:
-        from model import use_decode_attention_kernel
-
-        for m in (model, draft) if draft is not None else (model,):
-            if not use_decode_attention_kernel(m, pdl):
-                raise SystemExit("error: --attention_kernel needs Triton and power-of-two head sizes and query heads per key/value head")
+    use_kernel = args.attention_kernel
+    if use_kernel is None:  # the default: measured on one GPU only
+        use_kernel = device.type == "cuda" and not torch.version.hip and not use_tp
+    if use_kernel:
+        fits = [use_decode_attention_kernel(m, pdl) for m in (model, draft) if m is not None]
+        if args.attention_kernel and not all(fits):
+            raise SystemExit("error: --attention_kernel needs Triton and power-of-two head sizes and query heads per key/value head")
     return model, draft
 
 
@@ -566,6 +578,7 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
     """Inductor settings for fast batch-1 decode and quick warm starts (process-wide, as torch keeps them)."""
     import torch._inductor.config as inductor_config
 
+    lower_materialize_to_a_buffer()
     inductor_config.triton.enable_pdl = pdl  # use_pdl decides
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True

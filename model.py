@@ -286,6 +286,16 @@ def _(x: Tensor) -> Tensor:
     return torch.empty_like(x)
 
 
+def lower_materialize_to_a_buffer() -> None:
+    """Let inductor compile materialize as "store x in a buffer" rather than a call that copies it (one copy kernel
+    per layer fewer). Process-wide, like inductor's own settings; without it the copy runs and results are the same."""
+    from torch._inductor.lowering import lowerings, register_lowering  # imported on demand: ~2 s
+
+    op = torch.ops.gptfast.materialize.default
+    if op not in lowerings:
+        register_lowering(op)(lambda x: (x.realize(), x)[1])
+
+
 class FeedForward(nn.Module):
     def __init__(self, config: ModelArgs):
         super().__init__()

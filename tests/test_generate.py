@@ -8,7 +8,7 @@ from conftest import ROOT, random_transformer, save_checkpoint, tiny_args
 
 import generate
 from generate import generate as gen
-from generate import logits_to_probs, ngram_proposal, speculative_decode
+from generate import logits_to_probs, ngram_proposal, sample, speculative_decode
 
 
 def greedy_by_full_forward(model, prompt, n):
@@ -50,6 +50,18 @@ def test_top_k_and_top_p_restrict_the_support():
     assert (logits_to_probs(logits, 1.0, top_k=2) > 0).sum() == 2
     p = logits_to_probs(logits, 1.0, top_p=0.85)  # 0.5 + 0.3 < 0.85 <= 0.5 + 0.3 + 0.1
     assert (p > 0).sum() == 3 and torch.allclose(p[0, :3], torch.tensor([0.5, 0.3, 0.1]) / 0.9)
+
+
+def test_top_k_sampling_draws_from_the_top_k_distribution():
+    """sample() draws among the k candidates alone: its probs and its draws follow logits_to_probs's (no ties)."""
+    torch.manual_seed(0)
+    logits = torch.randn(1, 2, 1000).expand(4000, 2, 1000)  # one distribution, 4000 draws in one call
+    tokens, probs = sample(logits, temperature=0.8, top_k=5, top_p=0.9)
+    want = logits_to_probs(logits[0, -1], 0.8, top_k=5, top_p=0.9)
+    assert torch.allclose(probs, want.expand_as(probs), atol=1e-6)
+    freq = torch.bincount(tokens.view(-1).long(), minlength=1000) / tokens.numel()
+    assert set(freq.nonzero().view(-1).tolist()) <= set(want.nonzero().view(-1).tolist())
+    assert (freq - want).abs().max() < 0.03  # 4000 draws: one standard deviation is at most 0.008
 
 
 # ---------------------------------------------------------------- the generation loop

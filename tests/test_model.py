@@ -154,6 +154,21 @@ def test_compile_layer_once_traces_one_layer_graph_and_matches_eager():
         assert rel_err(torch.compile(model, fullgraph=True)(prompt, pos), ref) < 1e-5  # inductor, as generate.py compiles
 
 
+def test_materialize_compiles_to_a_stored_buffer_without_a_copy():
+    """generate.py's inductor settings lower materialize to "store it": the compiled SwiGLU calls no copy op."""
+    from torch._inductor.utils import run_and_get_code
+
+    import model as M
+
+    ff = M.FeedForward(tiny_args())
+    x = torch.randn(1, 1, ff.w1.in_features)
+    M.lower_materialize_to_a_buffer()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):  # a cached graph may predate the lowering
+        out, code = run_and_get_code(torch.compile(ff, fullgraph=True), x)
+        assert "gptfast.materialize" not in "".join(code) and rel_err(out, ff(x)) < 1e-6
+
+
 ATTENTION_CHECK = """
 import copy, torch, model as M
 from conftest import random_transformer, tiny_args
