@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
 #   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_bf16_pdl check_int8_pdl seed nopdl layer_once
-#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 ttft_int4 attention int8_attention)
+#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 ttft_int4 no_attention int8_no_attention)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -82,11 +82,10 @@ bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES[
     for r in ${ROWS:-1}; do python3 scripts/kernel_bench.py --rows $r; done >"$out/kernels.txt" 2>&1 ;;
   check_int4)  # the defaults with int4 (tinygemm, PDL for inductor's kernels) against the eager model, 2 layers
     python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int4 --pdl on >"$out/check_int4.txt" 2>&1 ;;
-  attention)  # --attention_kernel (decode attention as one Triton kernel): checked against eager, then bf16 timed cold
-    python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --pdl on --attention_kernel >"$out/check_attention.txt" 2>&1
-    wall $G --prompt 16 --compile --attention_kernel --num_samples 3 $TEXT >"$out/bf16_attention.txt" 2>&1 ;;
-  int8_attention)  # int8 with --attention_kernel, cold (stage int8 is the same start's baseline)
-    wall $G --prompt 16 --compile --quantize int8 --attention_kernel --num_samples 3 $TEXT >"$out/int8_attention.txt" 2>&1 ;;
+  no_attention)  # attention through inductor's kernels instead of ours (--no-attention_kernel), bf16, cold: stage cold is the baseline
+    wall $G --prompt 16 --compile --no-attention_kernel --num_samples 3 $TEXT >"$out/bf16_no_attention.txt" 2>&1 ;;
+  int8_no_attention)  # the same for int8 (stage int8 is the baseline)
+    wall $G --prompt 16 --compile --quantize int8 --no-attention_kernel --num_samples 3 $TEXT >"$out/int8_no_attention.txt" 2>&1 ;;
   int4)  # cold, group size 32
     wall $G --prompt 16 --compile --quantize int4 --num_samples 3 $TEXT >"$out/int4.txt" 2>&1 ;;
   ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill, dequantized from tinygemm's layout

@@ -7,7 +7,7 @@ the --kernels chosen) runs on the same tokens, and each step's logits are compar
 rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as one of order 1. Each
 --pdl setting (programmatic dependent launch) is compiled afresh.
 
-    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once] [--attention_kernel]
+    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once] [--no-attention_kernel]
 """
 
 import argparse
@@ -64,7 +64,12 @@ def parse_args(argv=None):
         default=True,
         help="as generate.py's flag (on by default): one compiled layer reused for all",
     )
-    p.add_argument("--attention_kernel", action="store_true", help="as generate.py's flag: decode attention as one Triton kernel")
+    p.add_argument(
+        "--attention_kernel",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="as generate.py's flag (on by default on one GPU): decode attention as one Triton kernel",
+    )
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
     p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="programmatic dependent launch (inductor's kernels and our int8 kernels)")
     p.add_argument("--tol", type=float, default=0.05, help="largest relative logit error accepted")

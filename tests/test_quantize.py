@@ -102,6 +102,8 @@ for M, N, K in [(1, 37, 320), (3, 24, 512), (8, 16, 256)]:  # ragged N and K
     ref = torch.nn.functional.silu(ref) * (torch.nn.functional.linear(x, c3.float()) * s3)
     y = q.int8_gated_gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), BLOCK_N=8, BLOCK_K=128)
     assert float((y - ref).norm() / ref.norm()) < 1e-5, ("gated", M, N, K)
+codes = torch.arange(-128, 128, dtype=torch.int8).view(2, 128)  # every int8 value, each read back exactly
+assert torch.equal(q.int8_gemv(torch.eye(128), codes, torch.ones(2), BLOCK_N=2, BLOCK_K=128), codes.t().float())
 print("ok")
 """
 
