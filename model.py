@@ -288,7 +288,8 @@ def _(x: Tensor) -> Tensor:
 
 def lower_materialize_to_a_buffer() -> None:
     """Let inductor compile materialize as "store x in a buffer" rather than a call that copies it (one copy kernel
-    per layer fewer). Process-wide, like inductor's own settings; without it the copy runs and results are the same."""
+    per layer fewer). Process-wide, like inductor's own settings; without it the copy runs and results are the same.
+    Inductor's FX-graph cache does not key on lowerings: a graph cached before this was registered keeps its copy."""
     from torch._inductor.lowering import lowerings, register_lowering  # imported on demand: ~2 s
 
     op = torch.ops.gptfast.materialize.default
