@@ -185,7 +185,7 @@ for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_head
     for i in range(30, 33):
         pos = torch.tensor([i])
         assert rel(fast(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, (kw, i)
-    for a, b in zip(fast.layers, plain.layers):  # the rows the kernel wrote, and those it must leave alone
+    for a, b in zip(fast.layers, plain.layers):  # the caches the kernel's path wrote (k's RoPE and the writes stay in PyTorch) and read
         assert rel(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache) < 1e-6
         assert rel(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache) < 1e-6
     fast.compile_layer_once = True  # as generate.py compiles the decode step
@@ -199,7 +199,7 @@ print("ok")
 
 
 def test_decode_attention_kernel_matches_sdpa():
-    """--attention_kernel's Triton decode step, in Triton's interpreter: logits and the KV caches it writes against
+    """--attention_kernel's Triton decode step, in Triton's interpreter: logits and the KV caches of its path against
     the SDPA path, for MHA and GQA at batch 2, eager and compiled as generate.py compiles it."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(ATTENTION_CHECK)
