@@ -428,8 +428,8 @@ def parse_args(argv=None):
         "--kernels",
         choices=["auto", "fused", "gemv", "torch"],
         default="auto",
-        help="int8 matmuls on CUDA: auto (Triton GEMV, w1/w3 as one gated kernel), fused (also the norms and residual adds; H100: 5%% slower), "
-        "gemv (Triton GEMV only) or torch (inductor's own)",
+        help="quantized matmuls on CUDA: auto (our Triton GEMVs for int8 and int4, int8 w1/w3 as one gated kernel), fused (also the "
+        "int8 norms and residual adds; H100: 5%% slower), gemv (Triton GEMVs only) or torch (inductor's own for int8, tinygemm for int4)",
     )
     p.add_argument(
         "--attention_kernel",

@@ -87,6 +87,35 @@ def tinygemm_codes(packed: Tensor) -> Tensor:
     return q.reshape(NT * 8, KO * J * 32)
 
 
+def int4_gemv_shift(i: int) -> int:
+    """Bit position of code i in a word of the Triton int4 GEMV's layout: 4 i + 3, mod 32 (code 7 wraps round)."""
+    return (4 * i + 3) % 32
+
+
+def pack_int4_gemv(packed: Tensor) -> Tensor:
+    """Checkpoint codes uint8 [N, K/2] -> the Triton int4 GEMV's int32 [N, K/8]: word j of each 32-wide chunk of k
+    holds the codes of k = 4 i + j (i = 0..7) at bits int4_gemv_shift(i). Needs K % 32 == 0."""
+    q = unpack_int4(packed)
+    N, K = q.shape
+    q = q.view(N, K // 32, 8, 4)  # [N, chunk, i, j]
+    words = torch.zeros(N, K // 32, 4, dtype=torch.int64, device=q.device)
+    for i in range(8):
+        words |= q[:, :, i].to(torch.int64) << int4_gemv_shift(i)
+    words = (words | (words >> 32)) & 0xFFFFFFFF  # code 7's top bits, above bit 31, wrap round to bits 0-2
+    return (words - (words >> 31 << 32)).to(torch.int32).view(N, K // 8)  # uint32 bits as int32
+
+
+def unpack_int4_gemv(words: Tensor) -> Tensor:
+    """The Triton int4 GEMV's int32 [N, K/8] -> codes uint8 [N, K] (prefill reads the weights back out of it)."""
+    N, W = words.shape
+    u = words.to(torch.int64) & 0xFFFFFFFF
+    u = (u | (u << 32)).view(N, W // 4, 4)  # the word twice over, so code 7 reads on past bit 31
+    q = torch.empty(N, W // 4, 8, 4, dtype=torch.uint8, device=words.device)  # [N, chunk, i, j]
+    for i in range(8):
+        q[:, :, i] = (u >> int4_gemv_shift(i)) & 15
+    return q.view(N, 8 * W)
+
+
 def dequantize_codes(q: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
     """Codes [N, K] and scales_and_zeros [K/g, N, 2] -> weights [N, K] = (q - 8) * scale + zero, group by group."""
     N, K = q.shape
@@ -190,6 +219,81 @@ if triton is not None:
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
+    @triton.jit
+    def int4_gemv_kernel(
+        x_ptr, w_ptr, sz_ptr, y_ptr, N, K, EXP,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]); one program per (row m, BLOCK_N
+        outputs), a thread per 32-wide chunk of k and BLOCK_N rows, so each x it loads serves BLOCK_N rows.
+        w: int32 [N, K/8] (pack_int4_gemv): word j of chunk c holds the codes of k = 32 c + 4 i + j, i = 0..7, so
+        that code i of a chunk's 4 words meets 4 contiguous x. sz: the checkpoint's [K/G, N, 2] bf16 (scale, zero)
+        pairs, read as int32 [K/G, N]. A code becomes a float without a conversion: moved to bits 19-22 (15-18) and
+        OR'ed with EXP = 0x3F800000 it reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
+        by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights. Per
+        chunk and row, d = sum x * (1 + q/16) over it (x scaled by 16 for the second code) leaves sum x * q =
+        16 d - 16 sum x_hi - 256 sum x_lo, and the weights' (q - 8) * s + z follow from the chunk sums of x."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n < N
+        cc, j = tl.arange(0, BLOCK_C), tl.arange(0, 4)
+        acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # reduced once at the end
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+        for c0 in range(0, K // 32, BLOCK_C):
+            c = c0 + cc
+            live = c < K // 32
+            w = tl.load(
+                w_ptr + offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :],
+                mask=rows[None, :, None] & live[:, None, None],
+                other=0,
+            )
+            w = w.to(tl.uint32, bitcast=True)  # [BLOCK_C, BLOCK_N, 4]: chunk, row, word
+            sz = tl.load(sz_ptr + (c // (GROUP // 32))[:, None] * N + offs_n[None, :], mask=rows[None, :] & live[:, None], other=0)
+            x_chunk = x_ptr + m * K + 32 * c[:, None] + j[None, :]
+            part = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
+            sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+            sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+            for r in tl.static_range(4):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
+                hi = (4 - 2 * r) % 8
+                lo = (hi + 7) % 8
+                if r == 0:
+                    v = w
+                else:
+                    v = (w << (8 * r)) | (w >> (32 - 8 * r))
+                x_hi = tl.load(x_chunk + 4 * hi, mask=live[:, None], other=0.0).to(tl.float32)
+                x_lo = tl.load(x_chunk + 4 * lo, mask=live[:, None], other=0.0).to(tl.float32)
+                sum_hi += x_hi
+                sum_lo += x_lo
+                part += ((v & 0x00780000) | EXP).to(tl.float32, bitcast=True) * x_hi[:, None, :]
+                part += ((v & 0x00078000) | EXP).to(tl.float32, bitcast=True) * (16.0 * x_lo)[:, None, :]
+            s_hi, s_lo = tl.sum(sum_hi, axis=1)[:, None], tl.sum(sum_lo, axis=1)[:, None]  # [BLOCK_C, 1]
+            s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
+            z = (sz & -65536).to(tl.float32, bitcast=True)
+            qx8 = 16.0 * tl.sum(part, axis=2) - (24.0 * s_hi + 264.0 * s_lo)  # sum x * (q - 8) per chunk and row
+            acc += s * qx8 + z * (s_hi + s_lo)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(y_ptr + m * N + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=rows)
+
+    # 4 rows per thread (8 would spill the scales through shared memory); warps side by side along k
+    int4_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)], key=["N", "K", "GROUP"])(
+        int4_gemv_kernel
+    )
+
+
+def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = False, **config) -> Tensor:
+    """Triton int4 GEMV: x [M, K] (M small) against codes int32 [N, K/8] (pack_int4_gemv) and the checkpoint's
+    scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    kernel = int4_gemv_kernel if config else int4_gemv_tuned
+    launch = {"launch_pdl": True} if pdl else {}
+    grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    kernel[grid](x, w, sz.view(torch.int32), y, N, K, 0x3F800000, GROUP=groupsize, PDL=pdl, **launch, **config)
+    return y
+
 
 def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict, norm=None, eps=0.0, residual=None) -> Tensor:
     """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned.
@@ -238,6 +342,17 @@ if triton is not None:
     @int8_gated_gemv_op.register_fake
     def _(x, w13, scales13, pdl, norm=None, eps=0.0):
         return x.new_empty(x.shape[0], w13.shape[0] // 2)
+
+
+if triton is not None:
+
+    @torch.library.custom_op("gptfast::int4_gemv", mutates_args=())
+    def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool) -> Tensor:
+        return int4_gemv(x, w, sz, groupsize, pdl)
+
+    @int4_gemv_op.register_fake
+    def _(x, w, sz, groupsize, pdl):
+        return x.new_empty(x.shape[0], w.shape[0])
 
 
 @torch.library.custom_op("gptfast::int4_mm_cpu", mutates_args=())
@@ -315,7 +430,8 @@ class Int8FusedBlock(TransformerBlock):
 
 
 class WeightOnlyInt4Linear(nn.Module):
-    """kernel: "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm) or "reference" (dequantize + matmul)."""
+    """kernel: "triton" (CUDA, our int4 GEMV for decode), "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu"
+    (torch's CPU int4 mm) or "reference" (dequantize + matmul); chosen by prepare_for_device."""
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
         super().__init__()
@@ -325,11 +441,16 @@ class WeightOnlyInt4Linear(nn.Module):
         self.kernel = "reference"
         self.register_buffer("packed", None, persistent=False)  # the kernel's own layout, made by prepare_for_device
         self.dequant_prefill = False  # tinygemm: inputs of over DEQUANT_MIN_ROWS rows dequantize and matmul instead
+        self.use_triton = self.pdl = False  # kernel "triton": decode on the GEMV, launched with PDL (use_triton_kernels)
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "tinygemm" and self.dequant_prefill and x.shape[0] > DEQUANT_MIN_ROWS:
+        if self.kernel == "triton" and self.use_triton and x.shape[0] <= GEMV_MAX_ROWS:
+            y = int4_gemv_op(x.contiguous(), self.packed, self.scales_and_zeros, self.groupsize, self.pdl)
+        elif self.kernel == "triton":  # prefill (and the plain reference): dequantize once, one bf16 matmul
+            y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
+        elif self.kernel == "tinygemm" and self.dequant_prefill and x.shape[0] > DEQUANT_MIN_ROWS:
             y = F.linear(x, dequantize_codes(tinygemm_codes(self.packed), self.scales_and_zeros, x.dtype))
         elif self.kernel == "tinygemm":
             y = torch.ops.aten._weight_int4pack_mm(x.to(torch.bfloat16), self.packed, self.groupsize, self.scales_and_zeros.to(torch.bfloat16))
@@ -445,16 +566,17 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto", pdl: bool = False) -> None:
-    """Pick each quantized layer's kernels for where it runs; repack int4 codes for torch's kernels (once: idempotent).
-    On CUDA, int8 runs on our Triton kernels (use_triton_kernels); kernels="torch" keeps inductor's fused
-    dequantize-matmul (the usual approach). pdl: launch ours with programmatic dependent launch (generate.use_pdl)."""
+    """Pick each quantized layer's kernels for where it runs; repack int4 codes for them (once: idempotent).
+    On CUDA, int8 and int4 run on our Triton kernels (use_triton_kernels); kernels="torch" keeps inductor's fused
+    dequantize-matmul for int8 and tinygemm for int4 (the usual approach). pdl: launch ours with programmatic
+    dependent launch (generate.use_pdl)."""
     if kernels not in ("auto", "fused", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, fused, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
     int4 = [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear)]
     for m in int4:
         if m.packed is None:
-            repack_int4(m, device)
+            repack_int4(m, device, cuda_triton)
     if any(m.kernel == "tinygemm" and not m.dequant_prefill for m in int4):
         print("note: this torch packs int4 weights in a layout quantize.tinygemm_codes does not read: long prompts run on tinygemm (slower)")
     use_triton_kernels(model, kernels if cuda_triton else "torch", pdl)
@@ -462,15 +584,20 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
         torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
 
 
-def repack_int4(m: WeightOnlyInt4Linear, device: torch.device) -> None:
+def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bool = False) -> None:
     """The checkpoint's int4 layout -> the kernel's; the checkpoint copy is dropped (a prepared model is for inference,
-    not for saving). tinygemm with 2 inner k-tiles: H100, batch 1, 3-11% faster per layer than 8 (README). Prefill
-    (over DEQUANT_MIN_ROWS rows) dequantizes from that layout: tinygemm re-reads the weights for every 16 rows
-    (H100, 2040-token prompt: 950 ms on tinygemm, 213 ms dequantized)."""
+    not for saving). triton_kernel: our GEMV's layout (pack_int4_gemv), whose prefill dequantizes from it.
+    Else on CUDA tinygemm with 2 inner k-tiles (H100, batch 1, 3-11% faster per layer than 8, README), whose
+    prefill (over DEQUANT_MIN_ROWS rows) dequantizes from tinygemm's layout: tinygemm re-reads the weights for
+    every 16 rows (H100, 2040-token prompt: 950 ms on tinygemm, 213 ms dequantized)."""
     m.kernel = "tinygemm" if device.type == "cuda" else "cpu"
     if not int4_fits(m.in_features, m.groupsize) or m.out_features % 16:  # torch's packing needs N % 16
         m.kernel = "reference"
-    if m.kernel == "tinygemm":
+    if triton_kernel and device.type == "cuda" and int4_fits(m.in_features, m.groupsize):
+        m.kernel = "triton"
+        m.packed = pack_int4_gemv(m.weight.to(device))
+        m.scales_and_zeros = m.scales_and_zeros.to(device=device, dtype=torch.bfloat16).contiguous()
+    elif m.kernel == "tinygemm":
         m.packed = torch.ops.aten._convert_weight_to_int4pack(m.weight.to(device), 2)
         # prefill reads the codes back out of torch's layout: only if this torch packs as tinygemm_codes expects
         m.dequant_prefill = torch.equal(tinygemm_codes(m.packed[:1]), unpack_int4(m.weight[:8].to(device)).to(torch.uint8))
@@ -481,11 +608,12 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device) -> None:
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """int8 layers on our Triton kernels: "gemv" the GEMV alone; "auto" also SwiGLU's w1/w3 as one gated kernel
+    """int8 and int4 layers on our Triton kernels (int4: those repacked for it): "gemv" the GEMV alone; "auto" also
+    int8 SwiGLU's w1/w3 as one gated kernel
     (H100: int8 250.7 against 243.6 tokens/s, README); "fused" also the norms and residual adds inside the kernels
     (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the default); "torch" none of them."""
     for m in model.modules():
-        if isinstance(m, WeightOnlyInt8Linear):
+        if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
     if kernels in ("auto", "fused"):
         for name, m in list(model.named_modules()):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
 #   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_bf16_pdl check_int8_pdl seed nopdl layer_once
-#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 ttft_int4 no_attention int8_no_attention)
+#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 int4_tinygemm ttft_int4 no_attention
+#   int8_no_attention)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -16,6 +17,7 @@ TEXT=$([ -f "$TOK" ] && echo "--tokenizer_path $TOK")  # with a tokenizer the sa
 REPEAT="The quick brown fox jumps over the lazy dog near the river bank at dawn, while the old miller watches from his door. Repeat the sentence above word for word: The quick brown fox"
 wall() { local t0=$EPOCHREALTIME; "$@"; awk -v a="$t0" -v b="$EPOCHREALTIME" 'BEGIN { printf "Process wall time: %.1f s\n", b - a }'; }
 python3 -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+nvidia-smi --query-gpu=name,pci.bus_id,driver_version,clocks.max.sm,clocks.max.mem,power.limit,temperature.gpu --format=csv  # starts differ?
 for stage in ${STAGES:-check cold warm artifacts profile ttft spec_ngram spec_draft}; do
   echo "stage $stage starts at $(date +%T)"
   case $stage in
@@ -80,7 +82,7 @@ bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES[
     wall $G --prompt 16 --compile --quantize int8 --kernels gemv --num_samples 3 --compile_cache "$out/cc_int8_gemv.bin" $TEXT >"$out/int8_gemv.txt" 2>&1 ;;
   kernels)  # each GEMV kernel alone, per Llama-2-7B layer shape, at 1 row ($ROWS)
     for r in ${ROWS:-1}; do python3 scripts/kernel_bench.py --rows $r; done >"$out/kernels.txt" 2>&1 ;;
-  check_int4)  # the defaults with int4 (tinygemm, PDL for inductor's kernels) against the eager model, 2 layers
+  check_int4)  # the defaults with int4 (our Triton GEMV, PDL) against the eager model (dequantize + matmul), 2 layers
     python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int4 --pdl on >"$out/check_int4.txt" 2>&1 ;;
   no_attention)  # attention through inductor's kernels instead of ours (--no-attention_kernel), bf16, cold: stage cold is the baseline
     wall $G --prompt 16 --compile --no-attention_kernel --num_samples 3 $TEXT >"$out/bf16_no_attention.txt" 2>&1 ;;
@@ -88,7 +90,9 @@ bw = g.measure_read_bandwidth(torch.device("cuda")); [kb.bench_gated(*kb.SHAPES[
     wall $G --prompt 16 --compile --quantize int8 --no-attention_kernel --num_samples 3 $TEXT >"$out/int8_no_attention.txt" 2>&1 ;;
   int4)  # cold, group size 32
     wall $G --prompt 16 --compile --quantize int4 --num_samples 3 $TEXT >"$out/int4.txt" 2>&1 ;;
-  ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill, dequantized from tinygemm's layout
+  int4_tinygemm)  # the same on torch's tinygemm (--kernels torch), the usual approach
+    wall $G --prompt 16 --compile --quantize int4 --kernels torch --num_samples 3 $TEXT >"$out/int4_tinygemm.txt" 2>&1 ;;
+  ttft_int4)  # 2040-token prompt (+8 new) with int4 weights: eager prefill, dequantized from the GEMV's layout
     python3 generate.py --random_init 7B --prompt 2040 --max_new_tokens 8 --ignore_eos --num_samples 3 --quantize int4 >"$out/ttft_int4.txt" 2>&1 ;;
   spec_draft_sampled)  # default sampling (T 0.8, top-k 200): the plain figure is the cold and warm stages'
     $G --prompt 16 --compile --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4_sampled.txt" 2>&1 ;;

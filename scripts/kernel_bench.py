@@ -44,6 +44,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     c8, s8 = q.quantize_int8(wb)
     p4, sz = q.quantize_int4(wb, 32)
     packed = {t: torch.ops.aten._convert_weight_to_int4pack(p4, t) for t in (2, 4, 8)}  # inner k-tiles
+    words = q.pack_int4_gemv(p4)
     ref = x.float() @ wb.float().t()
     ref8 = x.float() @ (c8.float() * s8.float()[:, None]).t()
     ref4 = x.float() @ q.dequantize_int4(p4, sz, torch.float32).t()
@@ -53,9 +54,11 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
         "int8 triton": (lambda: q.int8_gemv(x, c8, s8), ref8, b8),
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
         **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},
+        "int4 triton": (lambda: q.int4_gemv(x, words, sz, 32), ref4, b4),
     }
     for kname, (fn, r, nbytes) in cases.items():
         print_row(label, kname, fn, r, nbytes, bw)
+    print(f"| {label} | int4 triton tuned config: {q.int4_gemv_tuned.best_config} | | | | |")
 
 
 def print_row(label: str, kname: str, fn, ref, nbytes: int, bw: float) -> None:

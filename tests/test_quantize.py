@@ -114,6 +114,62 @@ def test_triton_int8_gemv_matches_the_plain_pytorch_fallback():
     run_in_triton_interpreter(TRITON_CHECK)
 
 
+def test_int4_gemv_layout_round_trips_and_places_code_i_at_bit_4i_plus_3():
+    codes = torch.randint(0, 16, (5, 96), dtype=torch.int32)
+    packed, _ = q.pack_int4(codes, torch.ones(5, 3), torch.zeros(5, 3))
+    words = q.pack_int4_gemv(packed)
+    assert words.dtype == torch.int32 and words.shape == (5, 12)
+    assert torch.equal(q.unpack_int4_gemv(words).int(), codes)
+    one = torch.zeros(1, 32, dtype=torch.int32)
+    one[0, 4 * 7 + 2] = 15  # k = 4 i + j: code 7 of word 2, at bits 31, 0, 1, 2 (it wraps round)
+    word = int(q.pack_int4_gemv(q.pack_int4(one, torch.ones(1, 1), torch.zeros(1, 1))[0])[0, 2]) & 0xFFFFFFFF
+    assert word == 0x80000007
+
+
+TRITON_INT4_CHECK = """
+import torch, triton, quantize as q
+from conftest import random_transformer, tiny_args
+one = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]  # one config: the autotuner runs without benchmarking
+q.int4_gemv_tuned = triton.autotune(one, key=["N", "K", "GROUP"])(q.int4_gemv_kernel)
+def rel(a, b): return float((a - b).norm() / b.norm())
+torch.manual_seed(0)
+for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 128, 1), (1, 5, 768, 256, 2)]:  # ragged N, K
+    packed, sz = q.quantize_int4(torch.randn(N, K), G)
+    x, sz = torch.randn(M, K), sz.to(torch.bfloat16)  # the kernel reads the scales as bf16, as on the GPU
+    ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))
+    y = q.int4_gemv(x, q.pack_int4_gemv(packed), sz, G, BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
+    assert rel(y, ref) < 2e-5, (M, N, K, G, rel(y, ref))
+codes = torch.stack([(torch.arange(32, dtype=torch.int32) % 16).roll(r) for r in range(16)])  # every code at every k
+ones = torch.ones(16, 1)
+packed, sz = q.pack_int4(codes, ones, 8 * ones)  # scale 1, zero 8: the weight is the code
+y = q.int4_gemv(torch.eye(32), q.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
+assert torch.equal(y, codes.t().float()), "every code read back exactly"
+model = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int4", 32)
+int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
+for m in int4:
+    m.scales_and_zeros = m.scales_and_zeros.to(torch.bfloat16)  # as repack_int4 keeps them for the kernel
+torch.set_grad_enabled(False)
+def run(model):  # prefill 12 tokens (the plain path), then 4 decode steps (the GEMV)
+    model.setup_caches(1, 32)
+    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 16)]
+tokens = torch.randint(0, 512, (1, 16))
+ref = run(model)
+for m in int4:  # what prepare_for_device does on CUDA
+    m.kernel, m.packed, m.use_triton = "triton", q.pack_int4_gemv(m.weight), True
+    m.weight = m.weight.new_empty(0)
+for i, (a, b) in enumerate(zip(run(model), ref)):
+    assert rel(a, b) < 1e-4, (i, rel(a, b))
+print("ok")
+"""
+
+
+def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
+    """The CUDA int4 decode kernel in Triton's interpreter: against the dequantize-matmul reference (all group sizes,
+    ragged shapes, every code value exactly), then a quantized model's prefill and decode logits."""
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(TRITON_INT4_CHECK)
+
+
 FUSED_CHECK = """
 import copy, torch, triton, quantize as q
 from conftest import random_transformer, tiny_args
