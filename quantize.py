@@ -24,7 +24,7 @@ from model import ConditionalFeedForward, FeedForward, Transformer, TransformerB
 
 GROUPSIZES = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
-DEQUANT_MIN_ROWS = 64  # int4 inputs with more rows (prefill) dequantize to bf16 and matmul: tinygemm is built for few
+DEQUANT_MIN_ROWS = 64  # int4 inputs with more rows (prefill) dequantize to bf16 and matmul: the int4 kernels are built for few
 
 try:
     import triton
@@ -220,78 +220,99 @@ if triton is not None:
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
 
     @triton.jit
+    def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
+        """part [BLOCK_C, BLOCK_N, 4] += the two codes that a rotation of w by 8 r bits brings to bits 19-22 and 15-18,
+        as 1 + q/16 and 1 + q/256 (the mantissa of 1.0 OR'ed with them), times x and 16 x."""
+        v = w
+        if r > 0:
+            v = (w << (8 * r)) | (w >> (32 - 8 * r))
+        part += ((v & 0x00780000) | EXP).to(tl.float32, bitcast=True) * x_hi[:, None, :]
+        return part + ((v & 0x00078000) | EXP).to(tl.float32, bitcast=True) * x_lo16[:, None, :]
+
+    @triton.jit
+    def int4_chunk_sum(part, sz, sum_hi, sum_lo):
+        """A chunk's contribution to each row from its part and the chunk's sums of x over the hi and lo codes:
+        sum x * q = 16 sum(part) - 16 sum_hi - 256 sum_lo, and w = (q - 8) * scale + zero (sz: bf16 pair as int32)."""
+        s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
+        z = (sz & -65536).to(tl.float32, bitcast=True)
+        return s * (16.0 * tl.sum(part, axis=2) - (24.0 * sum_hi + 264.0 * sum_lo)) + z * (sum_hi + sum_lo)
+
+    @triton.jit
     def int4_gemv_kernel(
-        x_ptr, w_ptr, sz_ptr, y_ptr, N, K, EXP,
-        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, EXP,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
     ):  # fmt: skip
-        """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]); one program per (row m, BLOCK_N
-        outputs), a thread per 32-wide chunk of k and BLOCK_N rows, so each x it loads serves BLOCK_N rows.
+        """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]), for the M rows of x in turn (the
+        weights are re-read from L1); one program per BLOCK_N outputs, a thread per 32-wide chunk of k and BLOCK_N rows,
+        so each x it loads serves BLOCK_N rows. GATED: SwiGLU's silu(w1 x) * w3 x, w1 and w3 being rows n and N + n.
         w: int32 [N, K/8] (pack_int4_gemv): word j of chunk c holds the codes of k = 32 c + 4 i + j, i = 0..7, so
         that code i of a chunk's 4 words meets 4 contiguous x. sz: the checkpoint's [K/G, N, 2] bf16 (scale, zero)
         pairs, read as int32 [K/G, N]. A code becomes a float without a conversion: moved to bits 19-22 (15-18) and
         OR'ed with EXP = 0x3F800000 it reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
-        by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights. Per
-        chunk and row, d = sum x * (1 + q/16) over it (x scaled by 16 for the second code) leaves sum x * q =
-        16 d - 16 sum x_hi - 256 sum x_lo, and the weights' (q - 8) * s + z follow from the chunk sums of x."""
-        m, pid_n = tl.program_id(0), tl.program_id(1)
+        by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights
+        (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3."""
+        pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n < N
         cc, j = tl.arange(0, BLOCK_C), tl.arange(0, 4)
-        acc = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # reduced once at the end
+        sz_stride = N
+        if GATED:
+            sz_stride = 2 * N
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-        for c0 in range(0, K // 32, BLOCK_C):
-            c = c0 + cc
-            live = c < K // 32
-            w = tl.load(
-                w_ptr + offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :],
-                mask=rows[None, :, None] & live[:, None, None],
-                other=0,
-            )
-            w = w.to(tl.uint32, bitcast=True)  # [BLOCK_C, BLOCK_N, 4]: chunk, row, word
-            sz = tl.load(sz_ptr + (c // (GROUP // 32))[:, None] * N + offs_n[None, :], mask=rows[None, :] & live[:, None], other=0)
-            x_chunk = x_ptr + m * K + 32 * c[:, None] + j[None, :]
-            part = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
-            sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
-            sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
-            for r in tl.static_range(4):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
-                hi = (4 - 2 * r) % 8
-                lo = (hi + 7) % 8
-                if r == 0:
-                    v = w
-                else:
-                    v = (w << (8 * r)) | (w >> (32 - 8 * r))
-                x_hi = tl.load(x_chunk + 4 * hi, mask=live[:, None], other=0.0).to(tl.float32)
-                x_lo = tl.load(x_chunk + 4 * lo, mask=live[:, None], other=0.0).to(tl.float32)
-                sum_hi += x_hi
-                sum_lo += x_lo
-                part += ((v & 0x00780000) | EXP).to(tl.float32, bitcast=True) * x_hi[:, None, :]
-                part += ((v & 0x00078000) | EXP).to(tl.float32, bitcast=True) * (16.0 * x_lo)[:, None, :]
-            s_hi, s_lo = tl.sum(sum_hi, axis=1)[:, None], tl.sum(sum_lo, axis=1)[:, None]  # [BLOCK_C, 1]
-            s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
-            z = (sz & -65536).to(tl.float32, bitcast=True)
-            qx8 = 16.0 * tl.sum(part, axis=2) - (24.0 * s_hi + 264.0 * s_lo)  # sum x * (q - 8) per chunk and row
-            acc += s * qx8 + z * (s_hi + s_lo)
+        for m in range(M):
+            acc_a = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # reduced once at the end
+            acc_b = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            for c0 in range(0, K // 32, BLOCK_C):
+                c = c0 + cc
+                live = c < K // 32
+                w_off = offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :]  # [BLOCK_C, BLOCK_N, 4]
+                w_mask = rows[None, :, None] & live[:, None, None]
+                sz_off, sz_mask = (c // (GROUP // 32))[:, None] * sz_stride + offs_n[None, :], rows[None, :] & live[:, None]
+                wa = tl.load(w_ptr + w_off, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                sza = tl.load(sz_ptr + sz_off, mask=sz_mask, other=0)
+                if GATED:
+                    wb = tl.load(w_ptr + N * (K // 8) + w_off, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                    szb = tl.load(sz_ptr + N + sz_off, mask=sz_mask, other=0)
+                part_a = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
+                part_b = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
+                sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+                sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+                x_chunk = x_ptr + m * K + 32 * c[:, None] + j[None, :]
+                for r in tl.static_range(4):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
+                    x_hi = tl.load(x_chunk + 4 * ((4 - 2 * r) % 8), mask=live[:, None], other=0.0).to(tl.float32)
+                    x_lo = tl.load(x_chunk + 4 * ((11 - 2 * r) % 8), mask=live[:, None], other=0.0).to(tl.float32)
+                    sum_hi += x_hi
+                    sum_lo += x_lo
+                    part_a = int4_pair_dot(part_a, wa, r, x_hi, 16.0 * x_lo, EXP)
+                    if GATED:
+                        part_b = int4_pair_dot(part_b, wb, r, x_hi, 16.0 * x_lo, EXP)
+                s_hi, s_lo = tl.sum(sum_hi, axis=1)[:, None], tl.sum(sum_lo, axis=1)[:, None]  # [BLOCK_C, 1]
+                acc_a += int4_chunk_sum(part_a, sza, s_hi, s_lo)
+                if GATED:
+                    acc_b += int4_chunk_sum(part_b, szb, s_hi, s_lo)
+            y = tl.sum(acc_a, axis=0)
+            if GATED:
+                y = y * tl.sigmoid(y) * tl.sum(acc_b, axis=0)
+            tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=rows)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(y_ptr + m * N + offs_n, tl.sum(acc, axis=0).to(y_ptr.dtype.element_ty), mask=rows)
 
-    # 4 rows per thread (8 would spill the scales through shared memory); warps side by side along k
-    int4_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)], key=["N", "K", "GROUP"])(
-        int4_gemv_kernel
-    )
+    # 4 rows per thread (8 would pass the scales through shared memory); warps side by side along k
+    _c4 = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)]
+    int4_gemv_tuned = triton.autotune(_c4, key=["M", "N", "K", "GROUP", "GATED"])(int4_gemv_kernel)
 
 
-def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = False, **config) -> Tensor:
+def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = False, gated: bool = False, **config) -> Tensor:
     """Triton int4 GEMV: x [M, K] (M small) against codes int32 [N, K/8] (pack_int4_gemv) and the checkpoint's
-    scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]."""
+    scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]. gated: w = [w1; w3], sz likewise along N -> silu(w1 x) * w3 x."""
     M, K = x.shape
-    N = w.shape[0]
+    N = w.shape[0] // 2 if gated else w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     kernel = int4_gemv_kernel if config else int4_gemv_tuned
     launch = {"launch_pdl": True} if pdl else {}
-    grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    kernel[grid](x, w, sz.view(torch.int32), y, N, K, 0x3F800000, GROUP=groupsize, PDL=pdl, **launch, **config)
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](x, w, sz.view(torch.int32), y, M, N, K, 0x3F800000, GROUP=groupsize, PDL=pdl, GATED=gated, **launch, **config)
     return y
 
 
@@ -347,12 +368,12 @@ if triton is not None:
 if triton is not None:
 
     @torch.library.custom_op("gptfast::int4_gemv", mutates_args=())
-    def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool) -> Tensor:
-        return int4_gemv(x, w, sz, groupsize, pdl)
+    def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool, gated: bool = False) -> Tensor:
+        return int4_gemv(x, w, sz, groupsize, pdl, gated)
 
     @int4_gemv_op.register_fake
-    def _(x, w, sz, groupsize, pdl):
-        return x.new_empty(x.shape[0], w.shape[0])
+    def _(x, w, sz, groupsize, pdl, gated=False):
+        return x.new_empty(x.shape[0], w.shape[0] // 2 if gated else w.shape[0])
 
 
 @torch.library.custom_op("gptfast::int4_mm_cpu", mutates_args=())
@@ -406,6 +427,27 @@ class Int8GatedFeedForward(FeedForward):
         return self.w2(h.view(*x.shape[:-1], -1))
 
 
+class Int4GatedFeedForward(FeedForward):
+    """SwiGLU with w1 and w3 in the int4 GEMV's layout stored back to back (codes [2I, K/8], scales and zeros
+    [K/G, 2I, 2]): at decode one Triton kernel gives silu(w1 x) * w3 x. Made by use_triton_kernels on CUDA."""
+
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
+        self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
+        hidden = ff.w1.out_features  # per rank under tensor parallel
+        self.register_buffer("w13", torch.cat([ff.w1.packed, ff.w3.packed]), persistent=False)
+        self.register_buffer("sz13", torch.cat([ff.w1.scales_and_zeros, ff.w3.scales_and_zeros], dim=1), persistent=False)
+        self.w1.packed, self.w3.packed = self.w13[:hidden], self.w13[hidden:]  # views: one copy in memory
+        self.w1.scales_and_zeros, self.w3.scales_and_zeros = self.sz13[:, :hidden], self.sz13[:, hidden:]
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > DEQUANT_MIN_ROWS or not self.w1.use_triton:
+            return super().forward(x)
+        h = int4_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.sz13, self.w1.groupsize, self.w1.pdl, True)
+        return self.w2(h.view(*x.shape[:-1], -1))
+
+
 class Int8FusedBlock(TransformerBlock):
     """A transformer layer whose decode step puts the RMSNorms and residual adds inside the int8 kernels: wqkv and
     the gated w1/w3 kernel normalize their input as they read it, wo and w2 add the residual as they store. That
@@ -446,7 +488,7 @@ class WeightOnlyInt4Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "triton" and self.use_triton and x.shape[0] <= GEMV_MAX_ROWS:
+        if self.kernel == "triton" and self.use_triton and x.shape[0] <= DEQUANT_MIN_ROWS:
             y = int4_gemv_op(x.contiguous(), self.packed, self.scales_and_zeros, self.groupsize, self.pdl)
         elif self.kernel == "triton":  # prefill (and the plain reference): dequantize once, one bf16 matmul
             y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
@@ -608,17 +650,25 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """int8 and int4 layers on our Triton kernels (int4: those repacked for it): "gemv" the GEMV alone; "auto" also
-    int8 SwiGLU's w1/w3 as one gated kernel
-    (H100: int8 250.7 against 243.6 tokens/s, README); "fused" also the norms and residual adds inside the kernels
-    (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the default); "torch" none of them."""
+    """int8 and int4 layers on our Triton kernels (int4: those repacked for it): "gemv" the GEMVs alone; "auto" also
+    SwiGLU's w1/w3 as one gated kernel (H100, int8: 250.7 against 243.6 tokens/s, README); "fused" also the int8
+    norms and residual adds inside the kernels (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the
+    default); "torch" none of them."""
     for m in model.modules():
         if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear)):
             m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
     if kernels in ("auto", "fused"):
         for name, m in list(model.named_modules()):
-            if type(m) is FeedForward and all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
-                set_module(model, name, Int8GatedFeedForward(m))
+            if type(m) is not FeedForward:
+                continue
+            if all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
+                gated = Int8GatedFeedForward(m)
+            elif all(isinstance(lin, WeightOnlyInt4Linear) and lin.kernel == "triton" for lin in (m.w1, m.w3)) and m.w1.groupsize == m.w3.groupsize:
+                gated = Int4GatedFeedForward(m)
+            else:
+                continue
+            gated._forward_hooks.update(m._forward_hooks)  # tensor parallel's all-reduce of the output
+            set_module(model, name, gated)
     if kernels == "fused":
         for name, m in list(model.named_modules()):
             if type(m) is TransformerBlock and fusable(m):

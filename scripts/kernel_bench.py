@@ -68,7 +68,7 @@ def print_row(label: str, kname: str, fn, ref, nbytes: int, bw: float) -> None:
 
 
 def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
-    """SwiGLU's silu(w1 x) * w3 x: two int8 GEMVs and eager silu, mul against the one gated kernel."""
+    """SwiGLU's silu(w1 x) * w3 x: two GEMVs and eager silu, mul against the one gated kernel (int8, int4 g32)."""
     dev = torch.device("cuda")
     x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
     (c1, s1), (c3, s3) = (q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for _ in range(2))
@@ -80,6 +80,16 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     }
     for kname, fn in cases.items():
         print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref, 2 * (N * K + N * 2), bw)
+    p4, sz = q.quantize_int4((torch.randn(2 * N, K, device=dev) * 0.02).to(torch.bfloat16), 32)  # [w1; w3]
+    w4 = q.dequantize_int4(p4, sz, torch.float32)
+    ref4 = F.silu(x.float() @ w4[:N].t()) * (x.float() @ w4[N:].t())
+    words, sz1, sz3 = q.pack_int4_gemv(p4), sz[:, :N].contiguous(), sz[:, N:].contiguous()
+    cases = {
+        "int4 triton x2 + silu, mul": lambda: F.silu(q.int4_gemv(x, words[:N], sz1, 32)) * q.int4_gemv(x, words[N:], sz3, 32),
+        "int4 gated triton": lambda: q.int4_gemv(x, words, sz, 32, gated=True),
+    }
+    for kname, fn in cases.items():
+        print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref4, N * K + sz.numel() * 2, bw)
 
 
 if __name__ == "__main__":

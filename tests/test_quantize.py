@@ -130,15 +130,19 @@ TRITON_INT4_CHECK = """
 import torch, triton, quantize as q
 from conftest import random_transformer, tiny_args
 one = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]  # one config: the autotuner runs without benchmarking
-q.int4_gemv_tuned = triton.autotune(one, key=["N", "K", "GROUP"])(q.int4_gemv_kernel)
+q.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K", "GROUP", "GATED"])(q.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
 for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 128, 1), (1, 5, 768, 256, 2)]:  # ragged N, K
-    packed, sz = q.quantize_int4(torch.randn(N, K), G)
+    packed, sz = q.quantize_int4(torch.randn(2 * N, K), G)
     x, sz = torch.randn(M, K), sz.to(torch.bfloat16)  # the kernel reads the scales as bf16, as on the GPU
-    ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))
-    y = q.int4_gemv(x, q.pack_int4_gemv(packed), sz, G, BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
-    assert rel(y, ref) < 2e-5, (M, N, K, G, rel(y, ref))
+    ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))  # [M, 2N]
+    words, tile = q.pack_int4_gemv(packed), dict(BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
+    y = q.int4_gemv(x, words[:N], sz[:, :N].contiguous(), G, **tile)
+    assert rel(y, ref[:, :N]) < 2e-5, (M, N, K, G, rel(y, ref[:, :N]))
+    y = q.int4_gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
+    gated = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
+    assert rel(y, gated) < 1e-4, ("gated", M, N, K, G, rel(y, gated))
 codes = torch.stack([(torch.arange(32, dtype=torch.int32) % 16).roll(r) for r in range(16)])  # every code at every k
 ones = torch.ones(16, 1)
 packed, sz = q.pack_int4(codes, ones, 8 * ones)  # scale 1, zero 8: the weight is the code
@@ -149,14 +153,17 @@ int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
 for m in int4:
     m.scales_and_zeros = m.scales_and_zeros.to(torch.bfloat16)  # as repack_int4 keeps them for the kernel
 torch.set_grad_enabled(False)
-def run(model):  # prefill 12 tokens (the plain path), then 4 decode steps (the GEMV)
+def run(model):  # prefill 12 tokens, then 2 decode steps
     model.setup_caches(1, 32)
-    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 16)]
-tokens = torch.randint(0, 512, (1, 16))
+    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 14)]
+tokens = torch.randint(0, 512, (1, 14))
 ref = run(model)
 for m in int4:  # what prepare_for_device does on CUDA
-    m.kernel, m.packed, m.use_triton = "triton", q.pack_int4_gemv(m.weight), True
+    m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
     m.weight = m.weight.new_empty(0)
+q.use_triton_kernels(model, "auto", pdl=False)
+assert all(type(layer.feed_forward) is q.Int4GatedFeedForward for layer in model.layers)
+q.DEQUANT_MIN_ROWS = 8  # prefill dequantizes from the kernels' layout (the interpreter is slow), decode runs on them
 for i, (a, b) in enumerate(zip(run(model), ref)):
     assert rel(a, b) < 1e-4, (i, rel(a, b))
 print("ok")
@@ -164,8 +171,9 @@ print("ok")
 
 
 def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
-    """The CUDA int4 decode kernel in Triton's interpreter: against the dequantize-matmul reference (all group sizes,
-    ragged shapes, every code value exactly), then a quantized model's prefill and decode logits."""
+    """The CUDA int4 kernels in Triton's interpreter: plain and gated (SwiGLU) against the dequantize-matmul reference
+    (all group sizes, ragged shapes, every code value exactly), then a quantized model's logits, prefill and decode,
+    on the kernels and with prefill dequantized from their layout."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(TRITON_INT4_CHECK)
 
