@@ -108,11 +108,11 @@ def pack_int4_gemv(packed: Tensor) -> Tensor:
 def unpack_int4_gemv(words: Tensor) -> Tensor:
     """The Triton int4 GEMV's int32 [N, K/8] -> codes uint8 [N, K] (prefill reads the weights back out of it)."""
     N, W = words.shape
-    u = words.to(torch.int64) & 0xFFFFFFFF
-    u = (u | (u << 32)).view(N, W // 4, 4)  # the word twice over, so code 7 reads on past bit 31
+    w = words.view(N, W // 4, 4)
     q = torch.empty(N, W // 4, 8, 4, dtype=torch.uint8, device=words.device)  # [N, chunk, i, j]
-    for i in range(8):
-        q[:, :, i] = (u >> int4_gemv_shift(i)) & 15
+    for i in range(7):
+        q[:, :, i] = (w >> int4_gemv_shift(i)) & 15
+    q[:, :, 7] = ((w >> 31) & 1) | ((w & 7) << 1)  # code 7: bit 31, then bits 0-2
     return q.view(N, 8 * W)
 
 
