@@ -51,6 +51,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     b8, b4 = N * K + N * 2, N * K // 2 + sz.numel() * 2
     cases = {
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
+        "bf16 triton": (lambda: q.float_gemv(x, wb), ref, N * K * 2),
         "int8 triton": (lambda: q.int8_gemv(x, c8, s8), ref8, b8),
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
         **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},

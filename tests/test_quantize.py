@@ -178,6 +178,36 @@ def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
     run_in_triton_interpreter(TRITON_INT4_CHECK)
 
 
+FLOAT_CHECK = """
+import torch, triton, quantize as q
+from conftest import random_transformer, tiny_args
+q.int8_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})], key=["N", "K"])(q.int8_gemv_kernel)
+def rel(a, b): return float((a - b).norm() / b.norm())
+torch.manual_seed(0)
+w, x = torch.randn(37, 320), torch.randn(3, 320)
+assert rel(q.float_gemv(x, w, BLOCK_N=8, BLOCK_K=128), x @ w.t()) < 1e-6
+model = random_transformer(tiny_args(vocab_size=512))
+tokens = torch.randint(0, 512, (1, 14))
+torch.set_grad_enabled(False)
+def run(model):  # prefill 12 tokens (F.linear), then 2 decode steps (the GEMV for wo and w2)
+    model.setup_caches(1, 32)
+    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 14)]
+ref = run(model)
+q.use_triton_kernels(model, "auto", pdl=False)  # what prepare_for_device does on CUDA
+assert all(type(b.attention.wo) is q.FloatGemvLinear and type(b.feed_forward.w2) is q.FloatGemvLinear for b in model.layers)
+for i, (a, b) in enumerate(zip(run(model), ref)):
+    assert rel(a, b) < 1e-5, (i, rel(a, b))
+print("ok")
+"""
+
+
+def test_float_wo_and_w2_decode_on_the_triton_gemv_as_on_f_linear():
+    """bf16 models on CUDA: wo and w2 become FloatGemvLinear (inductor's reductions read them below 90%); in Triton's
+    interpreter the kernel against x @ w.T, then a float model's logits against the plain model's."""
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(FLOAT_CHECK)
+
+
 FUSED_CHECK = """
 import copy, torch, triton, quantize as q
 from conftest import random_transformer, tiny_args
