@@ -4,10 +4,10 @@ Formats (what `quantize.py` writes and `generate.py` recognises from the tensors
   int8: `weight` int8 [N, K], `scales` [N]                      ->  w = weight * scales
   int4: `weight` uint8 [N, K/2] (even k in the high nibble), `scales_and_zeros` [K/g, N, 2]
                                                                 ->  w = (q - 8) * scale + zero
-The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`, so it is repacked at load time
-for tinygemm on CUDA or for torch's CPU int4 kernel. On CUDA, int8 decode steps (at most 8 rows) run on the
-small Triton GEMV kernels below; larger inputs use a dequantize-matmul. Two Triton int4 GEMVs were tried and
-measured slower than tinygemm on the H100 (notes/perf.md), so int4 uses tinygemm.
+The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`; at load time it is repacked for
+the Triton int4 GEMV below on CUDA (tinygemm with kernels="torch") or for torch's CPU int4 kernel. On CUDA,
+decode steps run on the small Triton GEMV kernels below (int8 up to 8 rows, int4 up to 64, and float wo and w2,
+which inductor reads slowly); larger inputs use a dequantize-matmul (or F.linear).
 """
 
 import argparse
