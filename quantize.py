@@ -384,9 +384,6 @@ if triton is not None:
     def _(x, w13, scales13, pdl, norm=None, eps=0.0):
         return x.new_empty(x.shape[0], w13.shape[0] // 2)
 
-
-if triton is not None:
-
     @torch.library.custom_op("gptfast::int4_gemv", mutates_args=())
     def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool, gated: bool = False) -> Tensor:
         return int4_gemv(x, w, sz, groupsize, pdl, gated)
@@ -687,7 +684,8 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """int8 and int4 layers on our Triton kernels (int4: those repacked for it): "gemv" the GEMVs alone; "auto" also
+    """int8 and int4 layers, and float wo and w2 (FloatGemvLinear), on our Triton kernels (int4: those repacked for
+    it): "gemv" the GEMVs alone; "auto" also
     SwiGLU's w1/w3 as one gated kernel (H100, int8: 250.7 against 243.6 tokens/s, README); "fused" also the int8
     norms and residual adds inside the kernels (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the
     default); "torch" none of them."""

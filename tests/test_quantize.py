@@ -268,7 +268,7 @@ def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
 
 
 def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
-    """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled int8 run."""
+    """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled run."""
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -278,6 +278,10 @@ def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
             assert q.int8_gemv_op(x, w, s, pdl).shape == (3, 40)
             y = q.int8_gated_gemv_op(x, w, s, pdl)
             assert y.shape == (3, 20) and y.dtype == torch.bfloat16
+            assert q.float_gemv_op(x, w.to(torch.bfloat16), pdl).shape == (3, 40)
+            words, sz = torch.empty(40, 8, dtype=torch.int32), torch.empty(2, 40, 2, dtype=torch.bfloat16)  # K = 64, g32
+            assert q.int4_gemv_op(x, words, sz, 32, pdl).shape == (3, 40)
+            assert q.int4_gemv_op(x, words, sz, 32, pdl, True).shape == (3, 20)
 
 
 def test_unknown_kernels_choice_is_a_clear_error():
