@@ -267,6 +267,22 @@ def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
     assert torch.equal(gated(x), ref)
 
 
+def test_kernel_modules_keep_tensor_parallels_all_reduce_hook():
+    """use_triton_kernels swaps FeedForward for the gated module: under tensor parallel the FeedForward carries the
+    all-reduce of its output as a forward hook, which the swap must keep (without it, ranks would not sum)."""
+    pytest.importorskip("triton")
+    model = q.quantize_model(random_transformer(tiny_args()), "int8")
+    summed = []
+    for layer in model.layers:
+        layer.feed_forward.register_forward_hook(lambda _m, _i, out: summed.append(out.shape) or out)
+    q.use_triton_kernels(model, "auto", pdl=False)
+    assert all(type(layer.feed_forward) is q.Int8GatedFeedForward for layer in model.layers)
+    q.use_triton_kernels(model, "torch", pdl=False)  # the swapped modules stay; their plain paths run on the CPU
+    model.setup_caches(1, 8)
+    model(torch.randint(0, 64, (1, 4)), torch.arange(4))
+    assert len(summed) == len(model.layers)
+
+
 def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
     """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled run."""
     pytest.importorskip("triton")
