@@ -314,6 +314,8 @@ def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = Fals
     scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]. gated: w = [w1; w3], sz likewise along N -> silu(w1 x) * w3 x."""
     M, K = x.shape
     N = w.shape[0] // 2 if gated else w.shape[0]
+    if not (w.is_contiguous() and sz.is_contiguous()):  # the kernel assumes dense rows (a gated module's w1 is a view)
+        w, sz = w.contiguous(), sz.contiguous()
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     kernel = int4_gemv_kernel if config else int4_gemv_tuned
     launch = {"launch_pdl": True} if pdl else {}

@@ -138,7 +138,7 @@ for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 
     x, sz = torch.randn(M, K), sz.to(torch.bfloat16)  # the kernel reads the scales as bf16, as on the GPU
     ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))  # [M, 2N]
     words, tile = q.pack_int4_gemv(packed), dict(BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
-    y = q.int4_gemv(x, words[:N], sz[:, :N].contiguous(), G, **tile)
+    y = q.int4_gemv(x, words[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: a strided view of the scales
     assert rel(y, ref[:, :N]) < 2e-5, (M, N, K, G, rel(y, ref[:, :N]))
     y = q.int4_gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
     gated = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
