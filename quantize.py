@@ -245,7 +245,7 @@ if triton is not None:
 
     @triton.jit
     def int4_gemv_kernel(
-        x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, EXP,
+        x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, SZ_STRIDE, EXP,
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
     ):  # fmt: skip
         """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]), for the M rows of x in turn (the
@@ -253,17 +253,15 @@ if triton is not None:
         so each x it loads serves BLOCK_N rows. GATED: SwiGLU's silu(w1 x) * w3 x, w1 and w3 being rows n and N + n.
         w: int32 [N, K/8] (pack_int4_gemv): word j of chunk c holds the codes of k = 32 c + 4 i + j, i = 0..7, so
         that code i of a chunk's 4 words meets 4 contiguous x. sz: the checkpoint's [K/G, N, 2] bf16 (scale, zero)
-        pairs, read as int32 [K/G, N]. A code becomes a float without a conversion: moved to bits 19-22 (15-18) and
-        OR'ed with EXP = 0x3F800000 it reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
+        pairs, read as int32 [K/G, N] whose rows are SZ_STRIDE apart (2 N for [w1; w3], or for a view of either).
+        A code becomes a float without a conversion: moved to bits 19-22 (15-18) and OR'ed with EXP = 0x3F800000 it
+        reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
         by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights
         (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n < N
         cc, j = tl.arange(0, BLOCK_C), tl.arange(0, 4)
-        sz_stride = N
-        if GATED:
-            sz_stride = 2 * N
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
         for m in range(M):
@@ -274,7 +272,7 @@ if triton is not None:
                 live = c < K // 32
                 w_off = offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :]  # [BLOCK_C, BLOCK_N, 4]
                 w_mask = rows[None, :, None] & live[:, None, None]
-                sz_off, sz_mask = (c // (GROUP // 32))[:, None] * sz_stride + offs_n[None, :], rows[None, :] & live[:, None]
+                sz_off, sz_mask = (c // (GROUP // 32))[:, None] * SZ_STRIDE + offs_n[None, :], rows[None, :] & live[:, None]
                 wa = tl.load(w_ptr + w_off, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
                 sza = tl.load(sz_ptr + sz_off, mask=sz_mask, other=0)
                 if GATED:
@@ -314,13 +312,12 @@ def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = Fals
     scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]. gated: w = [w1; w3], sz likewise along N -> silu(w1 x) * w3 x."""
     M, K = x.shape
     N = w.shape[0] // 2 if gated else w.shape[0]
-    if not (w.is_contiguous() and sz.is_contiguous()):  # the kernel assumes dense rows (a gated module's w1 is a view)
-        w, sz = w.contiguous(), sz.contiguous()
+    w, sz = w.contiguous(), sz.view(torch.int32)  # rows of codes are dense; sz may be a view (a gated module's w1)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     kernel = int4_gemv_kernel if config else int4_gemv_tuned
     launch = {"launch_pdl": True} if pdl else {}
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](x, w, sz.view(torch.int32), y, M, N, K, 0x3F800000, GROUP=groupsize, PDL=pdl, GATED=gated, **launch, **config)
+    kernel[grid](x, w, sz, y, M, N, K, sz.stride(0), 0x3F800000, GROUP=groupsize, PDL=pdl, GATED=gated, **launch, **config)
     return y
 
 
