@@ -63,6 +63,13 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def prefill_then_decode(model: Transformer, tokens: torch.Tensor, n_prefill: int) -> list:
+    """Logits of a prefill of tokens[:, :n_prefill], then of one decode step per remaining token (fresh caches)."""
+    model.setup_caches(tokens.shape[0], 32)
+    logits = [model(tokens[:, :n_prefill], torch.arange(n_prefill))]
+    return logits + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(n_prefill, tokens.shape[1])]
+
+
 def run_in_triton_interpreter(code: str) -> None:
     """Run a test script with TRITON_INTERPRET=1 (read when triton is imported, so in a fresh process); it must print
     ok. CUDA kernels run on CPU tensors this way."""

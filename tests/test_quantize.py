@@ -128,7 +128,7 @@ def test_int4_gemv_layout_round_trips_and_places_code_i_at_bit_4i_plus_3():
 
 TRITON_INT4_CHECK = """
 import torch, triton, quantize as q
-from conftest import random_transformer, tiny_args
+from conftest import prefill_then_decode, random_transformer, tiny_args
 one = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]  # one config: the autotuner runs without benchmarking
 q.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K", "GROUP", "GATED"])(q.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
@@ -153,18 +153,15 @@ int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
 for m in int4:
     m.scales_and_zeros = m.scales_and_zeros.to(torch.bfloat16)  # as repack_int4 keeps them for the kernel
 torch.set_grad_enabled(False)
-def run(model):  # prefill 12 tokens, then 2 decode steps
-    model.setup_caches(1, 32)
-    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 14)]
 tokens = torch.randint(0, 512, (1, 14))
-ref = run(model)
+ref = prefill_then_decode(model, tokens, 12)
 for m in int4:  # what prepare_for_device does on CUDA
     m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
     m.weight = m.weight.new_empty(0)
 q.use_triton_kernels(model, "auto", pdl=False)
 assert all(type(layer.feed_forward) is q.Int4GatedFeedForward for layer in model.layers)
 q.DEQUANT_MIN_ROWS = 8  # prefill dequantizes from the kernels' layout (the interpreter is slow), decode runs on them
-for i, (a, b) in enumerate(zip(run(model), ref)):
+for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):
     assert rel(a, b) < 1e-4, (i, rel(a, b))
 print("ok")
 """
@@ -180,7 +177,7 @@ def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
 
 FLOAT_CHECK = """
 import torch, triton, quantize as q
-from conftest import random_transformer, tiny_args
+from conftest import prefill_then_decode, random_transformer, tiny_args
 q.int8_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})], key=["N", "K"])(q.int8_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
@@ -189,13 +186,10 @@ assert rel(q.float_gemv(x, w, BLOCK_N=8, BLOCK_K=128), x @ w.t()) < 1e-6
 model = random_transformer(tiny_args(vocab_size=512))
 tokens = torch.randint(0, 512, (1, 14))
 torch.set_grad_enabled(False)
-def run(model):  # prefill 12 tokens (F.linear), then 2 decode steps (the GEMV for wo and w2)
-    model.setup_caches(1, 32)
-    return [model(tokens[:, :12], torch.arange(12))] + [model(tokens[:, i : i + 1], torch.tensor([i])) for i in range(12, 14)]
-ref = run(model)
+ref = prefill_then_decode(model, tokens, 12)
 q.use_triton_kernels(model, "auto", pdl=False)  # what prepare_for_device does on CUDA
 assert all(type(b.attention.wo) is q.FloatGemvLinear and type(b.feed_forward.w2) is q.FloatGemvLinear for b in model.layers)
-for i, (a, b) in enumerate(zip(run(model), ref)):
+for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):  # prefill on F.linear, decode on the GEMV
     assert rel(a, b) < 1e-5, (i, rel(a, b))
 print("ok")
 """
