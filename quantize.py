@@ -186,16 +186,16 @@ if triton is not None:
         tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
-    int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K"])(int8_gemv_kernel)
+    int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"])(int8_gemv_kernel)
 
     @triton.jit
     def int8_gated_gemv_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
-        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the int8 GEMVs of rows n and N + n of
-        w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written.
-        PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
+        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the GEMVs of rows n and N + n of
+        w [2N, K] (w1 then w3; int8, or float without scales). One launch reads both matrices; no [M, 2N]
+        intermediate is written. PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -211,19 +211,23 @@ if triton is not None:
             wa = tl.load(w_ptr + rows, mask=mask, other=0)
             wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
             x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
-            acc_a += int8_to_float(wa) * x[None, :]
-            acc_b += int8_to_float(wb) * x[None, :]
+            if w_ptr.dtype.element_ty == tl.int8:
+                wa, wb = int8_to_float(wa), int8_to_float(wb)
+            acc_a += wa.to(tl.float32) * x[None, :]
+            acc_b += wb.to(tl.float32) * x[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
-        a = tl.sum(acc_a, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
-        b = tl.sum(acc_b, axis=1) * tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        a, b = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+        if w_ptr.dtype.element_ty == tl.int8:
+            a *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            b *= tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if NORM:
             inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
             a, b = a * inv_rms, b * inv_rms
         tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
-    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K"])(int8_gated_gemv_kernel)
+    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(int8_gated_gemv_kernel)
 
     @triton.jit
     def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
@@ -245,8 +249,8 @@ if triton is not None:
 
     @triton.jit
     def int4_gemv_kernel(
-        x_ptr, w_ptr, sz_ptr, y_ptr, M, N, K, SZ_STRIDE, EXP,
-        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr,
+        x_ptr, w_ptr, sz_ptr, y_ptr, g_ptr, r_ptr, M, N, K, SZ_STRIDE, EXP, eps, GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]), for the M rows of x in turn (the
         weights are re-read from L1); one program per BLOCK_N outputs, a thread per 32-wide chunk of k and BLOCK_N rows,
@@ -257,7 +261,8 @@ if triton is not None:
         A code becomes a float without a conversion: moved to bits 19-22 (15-18) and OR'ed with EXP = 0x3F800000 it
         reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
         by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights
-        (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3."""
+        (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3.
+        PDL, NORM and RESIDUAL as in int8_gemv_kernel (no RESIDUAL when GATED)."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n < N
@@ -267,6 +272,7 @@ if triton is not None:
         for m in range(M):
             acc_a = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # reduced once at the end
             acc_b = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
             for c0 in range(0, K // 32, BLOCK_C):
                 c = c0 + cc
                 live = c < K // 32
@@ -282,10 +288,15 @@ if triton is not None:
                 part_b = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
                 sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
                 sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
-                x_chunk = x_ptr + m * K + 32 * c[:, None] + j[None, :]
+                k = 32 * c[:, None] + j[None, :]  # [BLOCK_C, 4]
                 for r in tl.static_range(4):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
-                    x_hi = tl.load(x_chunk + 4 * ((4 - 2 * r) % 8), mask=live[:, None], other=0.0).to(tl.float32)
-                    x_lo = tl.load(x_chunk + 4 * ((11 - 2 * r) % 8), mask=live[:, None], other=0.0).to(tl.float32)
+                    k_hi, k_lo = k + 4 * ((4 - 2 * r) % 8), k + 4 * ((11 - 2 * r) % 8)
+                    x_hi = tl.load(x_ptr + m * K + k_hi, mask=live[:, None], other=0.0).to(tl.float32)
+                    x_lo = tl.load(x_ptr + m * K + k_lo, mask=live[:, None], other=0.0).to(tl.float32)
+                    if NORM:  # as load_x does; x is read here once per BLOCK_N rows
+                        sq += x_hi * x_hi + x_lo * x_lo
+                        x_hi *= tl.load(g_ptr + k_hi, mask=live[:, None], other=0.0).to(tl.float32)
+                        x_lo *= tl.load(g_ptr + k_lo, mask=live[:, None], other=0.0).to(tl.float32)
                     sum_hi += x_hi
                     sum_lo += x_lo
                     part_a = int4_pair_dot(part_a, wa, r, x_hi, 16.0 * x_lo, EXP)
@@ -296,100 +307,74 @@ if triton is not None:
                 if GATED:
                     acc_b += int4_chunk_sum(part_b, szb, s_hi, s_lo)
             y = tl.sum(acc_a, axis=0)
+            if NORM:
+                inv_rms = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / K + eps)
+                y *= inv_rms
             if GATED:
-                y = y * tl.sigmoid(y) * tl.sum(acc_b, axis=0)
+                b = tl.sum(acc_b, axis=0)
+                if NORM:
+                    b *= inv_rms
+                y = y * tl.sigmoid(y) * b
+            if RESIDUAL:
+                y += tl.load(r_ptr + m * N + offs_n, mask=rows, other=0.0).to(tl.float32)
             tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=rows)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
 
     # 4 rows per thread (8 would pass the scales through shared memory); warps side by side along k
     _c4 = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)]
-    int4_gemv_tuned = triton.autotune(_c4, key=["M", "N", "K", "GROUP", "GATED"])(int4_gemv_kernel)
+    int4_gemv_tuned = triton.autotune(_c4, key=["M", "N", "K", "GROUP", "GATED", "NORM"])(int4_gemv_kernel)
 
 
-def int4_gemv(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool = False, gated: bool = False, **config) -> Tensor:
-    """Triton int4 GEMV: x [M, K] (M small) against codes int32 [N, K/8] (pack_int4_gemv) and the checkpoint's
-    scales_and_zeros [K/G, N, 2] (bf16) -> [M, N]. gated: w = [w1; w3], sz likewise along N -> silu(w1 x) * w3 x."""
+def gemv(
+    x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groupsize: int = 0, pdl: bool = False, gated: bool = False,
+    norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None, **config,
+) -> Tensor:  # fmt: skip
+    """Our Triton GEMVs: x [M, K] (M small) against w, by its dtype: float [N, K]; int8 [N, K] with scales [N]; or int4
+    codes int32 [N, K/8] (pack_int4_gemv) with the checkpoint's scales_and_zeros [K/G, N, 2] (bf16) -> y [M, N].
+    gated: w = [w1; w3] (scales likewise along N) -> silu(w1 x) * w3 x [M, N/2]. norm [K], eps: x RMS-normalized
+    (weight norm) on the way in; residual [M, N]: added on the way out. pdl: launched with programmatic dependent
+    launch (Hopper and later), as inductor launches its own kernels. config fixes the tile (tests), else autotuned."""
     M, K = x.shape
     N = w.shape[0] // 2 if gated else w.shape[0]
-    w, sz = w.contiguous(), sz.view(torch.int32)  # rows of codes are dense; sz may be a view (a gated module's w1)
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    kernel = int4_gemv_kernel if config else int4_gemv_tuned
-    launch = {"launch_pdl": True} if pdl else {}
-    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](x, w, sz, y, M, N, K, sz.stride(0), 0x3F800000, GROUP=groupsize, PDL=pdl, GATED=gated, **launch, **config)
-    return y
-
-
-def launch_gemv(kernel, x: Tensor, w: Tensor, scales: Tensor, N: int, pdl: bool, config: dict, norm=None, eps=0.0, residual=None) -> Tensor:
-    """One program per (row of x [M, K], BLOCK_N outputs) -> y [M, N]; config fixes the tile (tests), else autotuned.
-    pdl: launch with programmatic dependent launch (Hopper and later), as inductor launches its own kernels with it.
-    norm [K], eps: RMS-normalize x on the way in; residual [M, N]: added on the way out."""
-    M, K = x.shape
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
     g, r = x if norm is None else norm, x if residual is None else residual  # unused pointers when not asked for
     flags = dict(PDL=pdl, NORM=norm is not None, RESIDUAL=residual is not None)
-    kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, scales, y, g, r, N, K, eps, **flags, **launch, **config)
+    launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
+    if w.dtype == torch.int32:  # int4: one program per BLOCK_N outputs, the M rows in turn
+        kernel = int4_gemv_kernel if config else int4_gemv_tuned
+        sz = scales.view(torch.int32)  # may be a view (a gated module's w1): its row stride is an argument
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](x, w, sz, y, g, r, M, N, K, sz.stride(0), 0x3F800000, eps, GROUP=groupsize, GATED=gated, **flags, **launch, **config)
+    else:  # int8 or float: one program per (row, BLOCK_N outputs)
+        kernel = (int8_gated_gemv_kernel if gated else int8_gemv_kernel) if config else (int8_gated_gemv_tuned if gated else int8_gemv_tuned)
+        s = w if scales is None else scales  # float weights: w stands in for the unused scales pointer
+        kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, s, y, g, r, N, K, eps, **flags, **launch, **config)
     return y
-
-
-def int8_gemv(x: Tensor, w: Tensor, scales: Tensor, pdl: bool = False, norm=None, eps=0.0, residual=None, **config) -> Tensor:
-    """Triton int8 GEMV: x [M, K] (M small) @ (w [N, K] * scales [N]).T -> [M, N]; x RMS-normalized first with
-    norm (weight [K]), residual [M, N] added to the result, when given."""
-    kernel = int8_gemv_kernel if config else int8_gemv_tuned
-    return launch_gemv(kernel, x, w, scales, w.shape[0], pdl, config, norm, eps, residual)
-
-
-def float_gemv(x: Tensor, w: Tensor, pdl: bool = False, **config) -> Tensor:
-    """Triton GEMV for float weights: x [M, K] (M small) @ w [N, K].T -> [M, N] (int8_gemv_kernel's float path)."""
-    kernel = int8_gemv_kernel if config else int8_gemv_tuned
-    return launch_gemv(kernel, x, w, w, w.shape[0], pdl, config)  # w stands in for the unused scales pointer
-
-
-def int8_gated_gemv(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool = False, norm=None, eps=0.0, **config) -> Tensor:
-    """silu(x @ w1.T) * (x @ w3.T) for int8 w13 = [w1; w3] [2N, K], scales13 [2N]: x [M, K] -> [M, N]."""
-    kernel = int8_gated_gemv_kernel if config else int8_gated_gemv_tuned
-    return launch_gemv(kernel, x, w13, scales13, w13.shape[0] // 2, pdl, config, norm, eps)
 
 
 if triton is not None:
-    # Custom ops: inductor sees pure functions it can place in CUDA graphs without copies, and launches them as we
-    # do, with PDL when asked (torch 2.11 launches the Triton kernels of a triton_op without it).
 
-    @torch.library.custom_op("gptfast::int8_gemv", mutates_args=())
-    def int8_gemv_op(
-        x: Tensor, w: Tensor, scales: Tensor, pdl: bool, norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None
-    ) -> Tensor:
-        return int8_gemv(x, w, scales, pdl, norm, eps, residual)
+    @torch.library.custom_op("gptfast::gemv", mutates_args=())
+    def gemv_op(
+        x: Tensor, w: Tensor, scales: Optional[Tensor], groupsize: int, pdl: bool, gated: bool = False,
+        norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        """gemv as an opaque op: inductor places it in CUDA graphs without copies and launches it as we do, with PDL
+        when asked (torch 2.11 launches the Triton kernels of a triton_op without it)."""
+        return gemv(x, w, scales, groupsize, pdl, gated, norm, eps, residual)
 
-    @int8_gemv_op.register_fake
-    def _(x, w, scales, pdl, norm=None, eps=0.0, residual=None):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.custom_op("gptfast::float_gemv", mutates_args=())
-    def float_gemv_op(x: Tensor, w: Tensor, pdl: bool) -> Tensor:
-        return float_gemv(x, w, pdl)
-
-    @float_gemv_op.register_fake
-    def _(x, w, pdl):
-        return x.new_empty(x.shape[0], w.shape[0])
-
-    @torch.library.custom_op("gptfast::int8_gated_gemv", mutates_args=())
-    def int8_gated_gemv_op(x: Tensor, w13: Tensor, scales13: Tensor, pdl: bool, norm: Optional[Tensor] = None, eps: float = 0.0) -> Tensor:
-        return int8_gated_gemv(x, w13, scales13, pdl, norm, eps)
-
-    @int8_gated_gemv_op.register_fake
-    def _(x, w13, scales13, pdl, norm=None, eps=0.0):
-        return x.new_empty(x.shape[0], w13.shape[0] // 2)
-
-    @torch.library.custom_op("gptfast::int4_gemv", mutates_args=())
-    def int4_gemv_op(x: Tensor, w: Tensor, sz: Tensor, groupsize: int, pdl: bool, gated: bool = False) -> Tensor:
-        return int4_gemv(x, w, sz, groupsize, pdl, gated)
-
-    @int4_gemv_op.register_fake
-    def _(x, w, sz, groupsize, pdl, gated=False):
+    @gemv_op.register_fake
+    def _(x, w, scales, groupsize, pdl, gated=False, norm=None, eps=0.0, residual=None):
         return x.new_empty(x.shape[0], w.shape[0] // 2 if gated else w.shape[0])
+
+
+def decode_gemv(w: Tensor, scales: Optional[Tensor], groupsize: int, pdl: bool, x: Tensor, norm=None, residual=None, gated=False) -> Tensor:
+    """x [..., K] through gemv_op, shaped back to [..., N]; norm: an RMSNorm that the kernel applies to x."""
+    rows = x.numel() // x.shape[-1]
+    g, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    r = None if residual is None else residual.reshape(rows, -1)
+    return gemv_op(x.reshape(rows, -1).contiguous(), w, scales, groupsize, pdl, gated, g, eps, r).view(*x.shape[:-1], -1)
 
 
 @torch.library.custom_op("gptfast::int4_mm_cpu", mutates_args=())
@@ -407,7 +392,27 @@ def _(x, packed, groupsize, scales_and_zeros):
 # ---------------------------------------------------------------- quantized layers
 
 
-class WeightOnlyInt8Linear(nn.Module):
+class GemvLinear(nn.Module):
+    """A linear layer (no bias) whose inputs of at most max_rows rows (decode) run on our Triton GEMV (gemv_op), once
+    use_triton_kernels has set use_triton; kernel_tensors names the weights and scales gemv takes, and the dimension
+    of the scales along the output features (GatedFeedForward stacks w1 and w3 along it)."""
+
+    kernel_tensors: tuple = ("weight", None, 0)
+    max_rows = GEMV_MAX_ROWS
+    groupsize = 0
+
+    def on_gemv(self, x: Tensor) -> bool:
+        return self.use_triton and x.numel() // x.shape[-1] <= self.max_rows
+
+    def gemv(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
+        """x [..., K] -> [..., N] on the kernel; norm (an RMSNorm) applied to x on the way in, residual added on the way out."""
+        w, s, _ = self.kernel_tensors
+        return decode_gemv(getattr(self, w), getattr(self, s) if s else None, self.groupsize, self.pdl, x, norm, residual)
+
+
+class WeightOnlyInt8Linear(GemvLinear):
+    kernel_tensors = ("weight", "scales", 0)
+
     def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -416,16 +421,15 @@ class WeightOnlyInt8Linear(nn.Module):
         self.use_triton = self.pdl = False  # set by prepare_for_device
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.use_triton and rows <= GEMV_MAX_ROWS:
-            return int8_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.scales, self.pdl).view(*x.shape[:-1], -1)
+        if self.on_gemv(x):
+            return self.gemv(x)
         return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
 
 
-class FloatGemvLinear(nn.Module):
-    """A float linear layer (no bias) whose decode steps (at most GEMV_MAX_ROWS rows) run on our Triton GEMV: for
-    w2 and wo, where inductor's batch-1 reductions read at 83% and 89% of the H100's bandwidth against 96-99% for
-    the others (bf16 profile, README). Made by use_triton_kernels on CUDA; larger inputs use F.linear."""
+class FloatGemvLinear(GemvLinear):
+    """A float linear layer on our GEMV at decode: for w2 and wo, where inductor's batch-1 reductions read at 83% and
+    89% of the H100's bandwidth against 96-99% for the others (bf16 profile, README); with kernels="fused" for all
+    five. Made by use_triton_kernels on CUDA; larger inputs use F.linear."""
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -433,80 +437,16 @@ class FloatGemvLinear(nn.Module):
         self.use_triton = self.pdl = False
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if self.use_triton and rows <= GEMV_MAX_ROWS:
-            return float_gemv_op(x.reshape(rows, -1).contiguous(), self.weight, self.pdl).view(*x.shape[:-1], -1)
-        return F.linear(x, self.weight)
+        return self.gemv(x) if self.on_gemv(x) else F.linear(x, self.weight)
 
 
-class Int8GatedFeedForward(FeedForward):
-    """SwiGLU with int8 w1 and w3 stored back to back: at decode one Triton kernel gives silu(w1 x) * w3 x,
-    where the plain module takes two GEMVs and an elementwise kernel. Made by prepare_for_device on CUDA."""
+class WeightOnlyInt4Linear(GemvLinear):
+    """kernel: "triton" (CUDA, our int4 GEMV for decode and prompts of up to max_rows rows), "tinygemm" (CUDA,
+    torch's _weight_int4pack_mm), "cpu" (torch's CPU int4 mm) or "reference" (dequantize + matmul); chosen by
+    prepare_for_device."""
 
-    def __init__(self, ff: FeedForward):
-        nn.Module.__init__(self)
-        self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
-        hidden = ff.w1.weight.shape[0]  # per rank under tensor parallel
-        self.register_buffer("w13", torch.cat([ff.w1.weight, ff.w3.weight]), persistent=False)
-        self.register_buffer("scales13", torch.cat([ff.w1.scales, ff.w3.scales]), persistent=False)
-        self.w1.weight, self.w3.weight = self.w13[:hidden], self.w13[hidden:]  # views: one copy in memory
-        self.w1.scales, self.w3.scales = self.scales13[:hidden], self.scales13[hidden:]
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > GEMV_MAX_ROWS or not self.w1.use_triton:
-            return super().forward(x)
-        h = int8_gated_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.scales13, self.w1.pdl)
-        return self.w2(h.view(*x.shape[:-1], -1))
-
-
-class Int4GatedFeedForward(FeedForward):
-    """SwiGLU with w1 and w3 in the int4 GEMV's layout stored back to back (codes [2I, K/8], scales and zeros
-    [K/G, 2I, 2]): at decode one Triton kernel gives silu(w1 x) * w3 x. Made by use_triton_kernels on CUDA."""
-
-    def __init__(self, ff: FeedForward):
-        nn.Module.__init__(self)
-        self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
-        hidden = ff.w1.out_features  # per rank under tensor parallel
-        self.register_buffer("w13", torch.cat([ff.w1.packed, ff.w3.packed]), persistent=False)
-        self.register_buffer("sz13", torch.cat([ff.w1.scales_and_zeros, ff.w3.scales_and_zeros], dim=1), persistent=False)
-        self.w1.packed, self.w3.packed = self.w13[:hidden], self.w13[hidden:]  # views: one copy in memory
-        self.w1.scales_and_zeros, self.w3.scales_and_zeros = self.sz13[:, :hidden], self.sz13[:, hidden:]
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows > DEQUANT_MIN_ROWS or not self.w1.use_triton:
-            return super().forward(x)
-        h = int4_gemv_op(x.reshape(rows, -1).contiguous(), self.w13, self.sz13, self.w1.groupsize, self.w1.pdl, True)
-        return self.w2(h.view(*x.shape[:-1], -1))
-
-
-class Int8FusedBlock(TransformerBlock):
-    """A transformer layer whose decode step puts the RMSNorms and residual adds inside the int8 kernels: wqkv and
-    the gated w1/w3 kernel normalize their input as they read it, wo and w2 add the residual as they store. That
-    removes the two add-and-norm kernels of each layer. Made by prepare_for_device(kernels="fused"), on one GPU."""
-
-    def __init__(self, block: TransformerBlock):
-        nn.Module.__init__(self)
-        self.attention, self.feed_forward = block.attention, block.feed_forward
-        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
-
-    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
-        B, S, D = x.shape
-        if B * S > GEMV_MAX_ROWS or not self.feed_forward.w1.use_triton:
-            return super().forward(x, input_pos, freqs_cis, mask)
-        attn, ff, x = self.attention, self.feed_forward, x.reshape(B * S, D).contiguous()  # [rows, D]
-        pdl, an, fn = ff.w1.pdl, self.attention_norm, self.ffn_norm
-        qkv = int8_gemv_op(x, attn.wqkv.weight, attn.wqkv.scales, pdl, an.weight, an.eps)
-        y = attn.attend(qkv.view(B, S, -1), freqs_cis, mask, input_pos)
-        h = int8_gemv_op(y.view(B * S, -1), attn.wo.weight, attn.wo.scales, pdl, residual=x)  # x + wo(y)
-        g = int8_gated_gemv_op(h, ff.w13, ff.scales13, pdl, fn.weight, fn.eps)
-        return int8_gemv_op(g, ff.w2.weight, ff.w2.scales, pdl, residual=h).view(B, S, D)  # h + w2(g)
-
-
-class WeightOnlyInt4Linear(nn.Module):
-    """kernel: "triton" (CUDA, our int4 GEMV for decode), "tinygemm" (CUDA, torch's _weight_int4pack_mm), "cpu"
-    (torch's CPU int4 mm) or "reference" (dequantize + matmul); chosen by prepare_for_device."""
+    kernel_tensors = ("packed", "scales_and_zeros", 1)
+    max_rows = DEQUANT_MIN_ROWS
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
         super().__init__()
@@ -518,12 +458,15 @@ class WeightOnlyInt4Linear(nn.Module):
         self.dequant_prefill = False  # tinygemm: inputs of over DEQUANT_MIN_ROWS rows dequantize and matmul instead
         self.use_triton = self.pdl = False  # kernel "triton": decode on the GEMV, launched with PDL (use_triton_kernels)
 
+    def on_gemv(self, x: Tensor) -> bool:
+        return self.kernel == "triton" and super().on_gemv(x)
+
     def forward(self, x: Tensor) -> Tensor:
+        if self.on_gemv(x):
+            return self.gemv(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        if self.kernel == "triton" and self.use_triton and x.shape[0] <= DEQUANT_MIN_ROWS:
-            y = int4_gemv_op(x.contiguous(), self.packed, self.scales_and_zeros, self.groupsize, self.pdl)
-        elif self.kernel == "triton":  # prefill (and the plain reference): dequantize once, one bf16 matmul
+        if self.kernel == "triton":  # prefill (and the plain reference): dequantize once, one bf16 matmul
             y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
         elif self.kernel == "tinygemm" and self.dequant_prefill and x.shape[0] > DEQUANT_MIN_ROWS:
             y = F.linear(x, dequantize_codes(tinygemm_codes(self.packed), self.scales_and_zeros, x.dtype))
@@ -534,6 +477,53 @@ class WeightOnlyInt4Linear(nn.Module):
         else:
             y = F.linear(x, dequantize_int4(self.weight, self.scales_and_zeros, x.dtype))
         return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+class GatedFeedForward(FeedForward):
+    """SwiGLU with w1 and w3 (float, int8, or int4 in the GEMV's layout) stored back to back, w13 [2I, ...] and their
+    scales s13: at decode one Triton kernel gives silu(w1 x) * w3 x, where the plain module takes two GEMVs and an
+    elementwise kernel. w1 and w3 become views of w13 (one copy in memory, the same checkpoint keys). Made by
+    use_triton_kernels on CUDA."""
+
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
+        self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
+        w_name, s_name, s_dim = ff.w1.kernel_tensors
+        hidden = ff.w1.out_features  # per rank under tensor parallel
+        self.register_buffer("w13", torch.cat([getattr(ff.w1, w_name), getattr(ff.w3, w_name)]), persistent=False)
+        self.register_buffer("s13", None, persistent=False)
+        for lin, part in zip((self.w1, self.w3), self.w13.split(hidden), strict=True):
+            setattr(lin, w_name, nn.Parameter(part, requires_grad=False) if isinstance(lin, FloatGemvLinear) else part)
+        if s_name:
+            self.s13 = torch.cat([getattr(ff.w1, s_name), getattr(ff.w3, s_name)], s_dim)
+            for lin, part in zip((self.w1, self.w3), self.s13.split(hidden, s_dim), strict=True):
+                setattr(lin, s_name, part)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.gemv(x)) if self.w1.on_gemv(x) and self.w3.on_gemv(x) else super().forward(x)
+
+    def gemv(self, x: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
+        """silu(w1 x) * w3 x [..., I] on the kernel; norm (an RMSNorm) applied to x on the way in."""
+        return decode_gemv(self.w13, self.s13, self.w1.groupsize, self.w1.pdl, x, norm, gated=True)
+
+
+class FusedBlock(TransformerBlock):
+    """A transformer layer whose decode step (at most GEMV_MAX_ROWS rows) runs on four of our kernels plus attention:
+    wqkv and the gated w1/w3 kernel RMS-normalize their input as they read it, wo and w2 add the residual as they
+    store. That removes the add and norm kernels between them. Made by use_triton_kernels(kernels="fused"), on one GPU."""
+
+    def __init__(self, block: TransformerBlock):
+        nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+        attn, ff = self.attention, self.feed_forward
+        if x.shape[0] * x.shape[1] > GEMV_MAX_ROWS or not attn.wqkv.use_triton:  # prefill: the plain path
+            return super().forward(x, input_pos, freqs_cis, mask)
+        qkv = attn.wqkv.gemv(x, norm=self.attention_norm)
+        h = attn.wo.gemv(attn.attend(qkv, freqs_cis, mask, input_pos), residual=x)  # x + wo(attention)
+        return ff.w2.gemv(ff.gemv(h, norm=self.ffn_norm), residual=h)  # h + w2(silu(w1 h') * w3 h'), h' = ffn_norm(h)
 
 
 class ConditionalFeedForwardInt8(ConditionalFeedForward):
@@ -683,42 +673,39 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """int8 and int4 layers, and float wo and w2 (FloatGemvLinear), on our Triton kernels (int4: those repacked for
-    it): "gemv" the GEMVs alone; "auto" also
-    SwiGLU's w1/w3 as one gated kernel (H100, int8: 250.7 against 243.6 tokens/s, README); "fused" also the int8
-    norms and residual adds inside the kernels (Int8FusedBlock; H100: 290.8 against 306.4 tokens/s, so not the
-    default); "torch" none of them."""
-    if kernels != "torch":  # float w2 and wo (after tensor parallel's sharding, which wants nn.Linear)
-        for m in list(model.modules()):
-            child = "w2" if isinstance(m, FeedForward) else "wo" if isinstance(m, Attention) else None
-            if child and type(getattr(m, child)) is nn.Linear and getattr(m, child).bias is None:
-                setattr(m, child, FloatGemvLinear(getattr(m, child)))
+    """int8 and int4 layers (int4: those repacked for it), and float wo and w2 (FloatGemvLinear), on our Triton
+    kernels: "gemv" the GEMVs alone; "auto" also SwiGLU's int8 or int4 w1/w3 as one gated kernel (H100, int8: 250.7
+    against 243.6 tokens/s, README); "fused" every linear layer of a block on our kernels (float ones too), with the
+    norms and residual adds inside them (FusedBlock); "torch" none of them."""
+    floats = ("wqkv", "wo", "w1", "w2", "w3") if kernels == "fused" else ("wo", "w2") if kernels != "torch" else ()
+    for m in list(model.modules()):  # after tensor parallel's sharding, which wants nn.Linear
+        for child in floats if isinstance(m, (Attention, FeedForward)) else ():
+            lin = getattr(m, child, None)
+            if type(lin) is nn.Linear and lin.bias is None:
+                setattr(m, child, FloatGemvLinear(lin))
     for m in model.modules():
-        if isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear, FloatGemvLinear)):
+        if isinstance(m, GemvLinear):
             m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
-    if kernels in ("auto", "fused"):
-        for name, m in list(model.named_modules()):
-            if type(m) is not FeedForward:
-                continue
-            if all(isinstance(lin, WeightOnlyInt8Linear) for lin in (m.w1, m.w3)):
-                gated = Int8GatedFeedForward(m)
-            elif all(isinstance(lin, WeightOnlyInt4Linear) and lin.kernel == "triton" for lin in (m.w1, m.w3)) and m.w1.groupsize == m.w3.groupsize:
-                gated = Int4GatedFeedForward(m)
-            else:
-                continue
+    for name, m in list(model.named_modules()) if kernels in ("auto", "fused") else ():
+        if type(m) is FeedForward and gemv_ready(m.w1) and type(m.w1) is type(m.w3) and m.w1.groupsize == m.w3.groupsize:
+            gated = GatedFeedForward(m)
             gated._forward_hooks.update(m._forward_hooks)  # tensor parallel's all-reduce of the output
             set_module(model, name, gated)
-    if kernels == "fused":
-        for name, m in list(model.named_modules()):
-            if type(m) is TransformerBlock and fusable(m):
-                set_module(model, name, Int8FusedBlock(m))
+    for name, m in list(model.named_modules()) if kernels == "fused" else ():
+        if type(m) is TransformerBlock and fusable(m):
+            set_module(model, name, FusedBlock(m))
+
+
+def gemv_ready(lin: nn.Module) -> bool:
+    """A layer with our GEMV for decode: int8, float made FloatGemvLinear, int4 repacked for the Triton kernel."""
+    return isinstance(lin, GemvLinear) and getattr(lin, "kernel", "triton") == "triton"
 
 
 def fusable(block: TransformerBlock) -> bool:
-    """int8 attention and gated feed-forward, and no all-reduce hooks (tensor parallel adds after reducing)."""
+    """wqkv, wo and w2 on our GEMV, the gated feed-forward, and no all-reduce hooks (tensor parallel adds after reducing)."""
     attn, ff = block.attention, getattr(block, "feed_forward", None)
-    int8 = all(isinstance(lin, WeightOnlyInt8Linear) for lin in (attn.wqkv, attn.wo))
-    return int8 and isinstance(ff, Int8GatedFeedForward) and not (attn._forward_hooks or ff._forward_hooks)
+    ready = isinstance(ff, GatedFeedForward) and all(gemv_ready(lin) for lin in (attn.wqkv, attn.wo, ff.w2))
+    return ready and not (attn._forward_hooks or ff._forward_hooks)
 
 
 # ---------------------------------------------------------------- GPTQ

@@ -51,11 +51,11 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     b8, b4 = N * K + N * 2, N * K // 2 + sz.numel() * 2
     cases = {
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
-        "bf16 triton": (lambda: q.float_gemv(x, wb), ref, N * K * 2),
-        "int8 triton": (lambda: q.int8_gemv(x, c8, s8), ref8, b8),
+        "bf16 triton": (lambda: q.gemv(x, wb), ref, N * K * 2),
+        "int8 triton": (lambda: q.gemv(x, c8, s8), ref8, b8),
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
         **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},
-        "int4 triton": (lambda: q.int4_gemv(x, words, sz, 32), ref4, b4),
+        "int4 triton": (lambda: q.gemv(x, words, sz, 32), ref4, b4),
     }
     for kname, (fn, r, nbytes) in cases.items():
         print_row(label, kname, fn, r, nbytes, bw)
@@ -76,8 +76,8 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     w13, s13 = torch.cat([c1, c3]), torch.cat([s1, s3])
     ref = F.silu(x.float() @ (c1.float() * s1.float()[:, None]).t()) * (x.float() @ (c3.float() * s3.float()[:, None]).t())
     cases = {
-        "int8 triton x2 + silu, mul": lambda: F.silu(q.int8_gemv(x, c1, s1)) * q.int8_gemv(x, c3, s3),
-        "int8 gated triton": lambda: q.int8_gated_gemv(x, w13, s13),
+        "int8 triton x2 + silu, mul": lambda: F.silu(q.gemv(x, c1, s1)) * q.gemv(x, c3, s3),
+        "int8 gated triton": lambda: q.gemv(x, w13, s13, gated=True),
     }
     for kname, fn in cases.items():
         print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref, 2 * (N * K + N * 2), bw)
@@ -86,8 +86,8 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     ref4 = F.silu(x.float() @ w4[:N].t()) * (x.float() @ w4[N:].t())
     words, sz1, sz3 = q.pack_int4_gemv(p4), sz[:, :N].contiguous(), sz[:, N:].contiguous()
     cases = {
-        "int4 triton x2 + silu, mul": lambda: F.silu(q.int4_gemv(x, words[:N], sz1, 32)) * q.int4_gemv(x, words[N:], sz3, 32),
-        "int4 gated triton": lambda: q.int4_gemv(x, words, sz, 32, gated=True),
+        "int4 triton x2 + silu, mul": lambda: F.silu(q.gemv(x, words[:N], sz1, 32)) * q.gemv(x, words[N:], sz3, 32),
+        "int4 gated triton": lambda: q.gemv(x, words, sz, 32, gated=True),
     }
     for kname, fn in cases.items():
         print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref4, N * K + sz.numel() * 2, bw)

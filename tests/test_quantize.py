@@ -90,26 +90,27 @@ def test_cpu_int4_model_compiles_with_one_layer_graph_and_matches_eager():
 
 TRITON_CHECK = """
 import torch, quantize as q
+from torch.nn.functional import linear, silu
+def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
+tile = dict(BLOCK_N=8, BLOCK_K=128)
 for M, N, K in [(1, 37, 320), (3, 24, 512), (8, 16, 256)]:  # ragged N and K
-    w, x = torch.randn(N, K), torch.randn(M, K)
-    c, s = q.quantize_int8(w)
-    ref = torch.nn.functional.linear(x, c.float()) * s
-    y = q.int8_gemv(x, c, s, BLOCK_N=8, BLOCK_K=128)
-    assert float((y - ref).norm() / ref.norm()) < 1e-5, (M, N, K)
-    w3 = torch.randn(N, K)
-    c3, s3 = q.quantize_int8(w3)
-    ref = torch.nn.functional.silu(ref) * (torch.nn.functional.linear(x, c3.float()) * s3)
-    y = q.int8_gated_gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), BLOCK_N=8, BLOCK_K=128)
-    assert float((y - ref).norm() / ref.norm()) < 1e-5, ("gated", M, N, K)
+    w, w3, x = torch.randn(N, K), torch.randn(N, K), torch.randn(M, K)
+    (c, s), (c3, s3) = q.quantize_int8(w), q.quantize_int8(w3)
+    ref, ref3 = linear(x, c.float()) * s, linear(x, c3.float()) * s3
+    assert rel(q.gemv(x, c, s, **tile), ref) < 1e-5, (M, N, K)
+    assert rel(q.gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), gated=True, **tile), silu(ref) * ref3) < 1e-5, ("gated", M, N, K)
+    assert rel(q.gemv(x, w, **tile), x @ w.t()) < 1e-6, ("float", M, N, K)  # float weights: no conversion, no scales
+    assert rel(q.gemv(x, torch.cat([w, w3]), gated=True, **tile), silu(x @ w.t()) * (x @ w3.t())) < 1e-5, ("float gated", M, N, K)
 codes = torch.arange(-128, 128, dtype=torch.int8).view(2, 128)  # every int8 value, each read back exactly
-assert torch.equal(q.int8_gemv(torch.eye(128), codes, torch.ones(2), BLOCK_N=2, BLOCK_K=128), codes.t().float())
+assert torch.equal(q.gemv(torch.eye(128), codes, torch.ones(2), BLOCK_N=2, BLOCK_K=128), codes.t().float())
 print("ok")
 """
 
 
-def test_triton_int8_gemv_matches_the_plain_pytorch_fallback():
-    """The CUDA fast path, run by Triton's interpreter on the CPU, against the reference."""
+def test_triton_int8_and_float_gemv_match_the_plain_pytorch_fallback():
+    """The CUDA fast path for int8 and float weights, plain and gated, run by Triton's interpreter on the CPU, against
+    the reference."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(TRITON_CHECK)
 
@@ -130,7 +131,7 @@ TRITON_INT4_CHECK = """
 import torch, triton, quantize as q
 from conftest import prefill_then_decode, random_transformer, tiny_args
 one = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]  # one config: the autotuner runs without benchmarking
-q.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K", "GROUP", "GATED"])(q.int4_gemv_kernel)
+q.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K"])(q.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
 for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 128, 1), (1, 5, 768, 256, 2)]:  # ragged N, K
@@ -138,29 +139,29 @@ for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 
     x, sz = torch.randn(M, K), sz.to(torch.bfloat16)  # the kernel reads the scales as bf16, as on the GPU
     ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))  # [M, 2N]
     words, tile = q.pack_int4_gemv(packed), dict(BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
-    y = q.int4_gemv(x, words[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: a strided view of the scales
+    y = q.gemv(x, words[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: a strided view of the scales
     assert rel(y, ref[:, :N]) < 2e-5, (M, N, K, G, rel(y, ref[:, :N]))
-    y = q.int4_gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
+    y = q.gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
     gated = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
     assert rel(y, gated) < 1e-4, ("gated", M, N, K, G, rel(y, gated))
 codes = torch.stack([(torch.arange(32, dtype=torch.int32) % 16).roll(r) for r in range(16)])  # every code at every k
 ones = torch.ones(16, 1)
 packed, sz = q.pack_int4(codes, ones, 8 * ones)  # scale 1, zero 8: the weight is the code
-y = q.int4_gemv(torch.eye(32), q.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
+y = q.gemv(torch.eye(32), q.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
 assert torch.equal(y, codes.t().float()), "every code read back exactly"
-model = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int4", 32)
+model = q.quantize_model(random_transformer(tiny_args(vocab_size=64)), "int4", 32)
 int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
 for m in int4:
     m.scales_and_zeros = m.scales_and_zeros.to(torch.bfloat16)  # as repack_int4 keeps them for the kernel
 torch.set_grad_enabled(False)
-tokens = torch.randint(0, 512, (1, 14))
+tokens = torch.randint(0, 64, (1, 14))
 ref = prefill_then_decode(model, tokens, 12)
 for m in int4:  # what prepare_for_device does on CUDA
     m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
     m.weight = m.weight.new_empty(0)
 q.use_triton_kernels(model, "auto", pdl=False)
-assert all(type(layer.feed_forward) is q.Int4GatedFeedForward for layer in model.layers)
-q.DEQUANT_MIN_ROWS = 8  # prefill dequantizes from the kernels' layout (the interpreter is slow), decode runs on them
+assert all(type(layer.feed_forward) is q.GatedFeedForward for layer in model.layers)
+q.WeightOnlyInt4Linear.max_rows = 8  # prefill dequantizes from the kernels' layout (the interpreter is slow), decode runs on them
 for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):
     assert rel(a, b) < 1e-4, (i, rel(a, b))
 print("ok")
@@ -181,8 +182,6 @@ from conftest import prefill_then_decode, random_transformer, tiny_args
 q.int8_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})], key=["N", "K"])(q.int8_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
-w, x = torch.randn(37, 320), torch.randn(3, 320)
-assert rel(q.float_gemv(x, w, BLOCK_N=8, BLOCK_K=128), x @ w.t()) < 1e-6
 model = random_transformer(tiny_args(vocab_size=512))
 tokens = torch.randint(0, 512, (1, 14))
 torch.set_grad_enabled(False)
@@ -197,66 +196,95 @@ print("ok")
 
 def test_float_wo_and_w2_decode_on_the_triton_gemv_as_on_f_linear():
     """bf16 models on CUDA: wo and w2 become FloatGemvLinear (inductor's reductions read them below 90%); in Triton's
-    interpreter the kernel against x @ w.T, then a float model's logits against the plain model's."""
+    interpreter a float model's logits on them against the plain model's."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(FLOAT_CHECK)
 
 
 FUSED_CHECK = """
 import copy, torch, triton, quantize as q
+from torch.nn.functional import linear, silu
 from conftest import random_transformer, tiny_args
-one = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})]  # one config: the autotuner runs without benchmarking
-q.int8_gemv_tuned = triton.autotune(one, key=["N", "K"])(q.int8_gemv_kernel)
-q.int8_gated_gemv_tuned = triton.autotune(one, key=["N", "K"])(q.int8_gated_gemv_kernel)
+one = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})]  # one config each: the autotuners run without benchmarking
+q.int8_gemv_tuned = triton.autotune(one, key=["N"])(q.int8_gemv_kernel)
+q.int8_gated_gemv_tuned = triton.autotune(one, key=["N"])(q.int8_gated_gemv_kernel)
+q.int4_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)], key=["N"])(q.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
-x, g, r = torch.randn(3, 320), torch.rand(320) + 0.5, torch.randn(3, 40)
-c, s = q.quantize_int8(torch.randn(40, 320))
+x, g, r = torch.randn(3, 320), torch.rand(320) + 0.5, torch.randn(3, 80)
 xn = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * g
-assert rel(q.int8_gemv(x, c, s, False, g, 1e-5, r), torch.nn.functional.linear(xn, c.float()) * s + r) < 1e-5
-c2, s2 = q.quantize_int8(torch.randn(80, 320))
-ref = torch.nn.functional.linear(xn, c2.float()) * s2
-assert rel(q.int8_gated_gemv(x, c2, s2, False, g, 1e-5), torch.nn.functional.silu(ref[:, :40]) * ref[:, 40:]) < 1e-5
-plain = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int8")  # a small output layer: the interpreter is slow
-fused = copy.deepcopy(plain)
-q.use_triton_kernels(fused, "fused", pdl=False)
-assert all(type(b) is q.Int8FusedBlock for b in fused.layers)
-tokens = torch.randint(0, 512, (1, 16))
-for m in (plain, fused):
-    m.setup_caches(1, 32)
-    m(tokens[:, :12], torch.arange(12), prefill=True)  # 12 rows: the plain path
+w = torch.randn(80, 320)  # [w1; w3] for the gated kernel
+(c, s), (packed, sz) = q.quantize_int8(w), q.quantize_int4(w, 32)
+sz = sz.to(torch.bfloat16)  # the int4 kernel reads the scales as bf16, as on the GPU
+kinds = {"float": (w, None, 0, w), "int8": (c, s, 0, c.float() * s[:, None]),
+         "int4": (q.pack_int4_gemv(packed), sz, 32, q.dequantize_int4(packed, sz, torch.float32))}
+for kind, (wk, sk, G, wf) in kinds.items():  # norm on the way in, residual on the way out; gated with norm
+    ref, tol = linear(xn, wf), 1e-4 if kind == "int4" else 1e-5  # [3, 80]; int4 subtracts its codes' offsets late
+    assert rel(q.gemv(x, wk, sk, G, norm=g, eps=1e-5, residual=r), ref + r) < tol, kind
+    assert rel(q.gemv(x, wk, sk, G, gated=True, norm=g, eps=1e-5), silu(ref[:, :40]) * ref[:, 40:]) < tol, kind
+def int4_for_the_kernel(model):  # what prepare_for_device does on CUDA
+    for m in model.modules():
+        if isinstance(m, q.WeightOnlyInt4Linear):
+            m.kernel, m.packed, m.scales_and_zeros = "triton", q.pack_int4_gemv(m.weight), m.scales_and_zeros.to(torch.bfloat16)
+    return model
+tokens = torch.randint(0, 64, (1, 16))
 torch.set_grad_enabled(False)  # as generate() runs
-for i in range(12, 16):  # decode: one row, the fused kernels
-    pos = torch.tensor([i])
-    assert rel(fused(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, i
-fused.compile_layer_once = True  # compiled as generate.py compiles it: the ops' fake functions, one layer graph
-step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
-assert rel(step(fused, tokens[:, 15:16], torch.tensor([15])), plain(tokens[:, 15:16], torch.tensor([15]))) < 1e-5
+q.WeightOnlyInt4Linear.max_rows = 8  # the 12-row prefill dequantizes rather than crawl through the interpreted kernel
+for kind in ("float", "int8", "int4"):
+    plain = random_transformer(tiny_args(vocab_size=64))  # a small output layer: the interpreter is slow
+    plain = plain if kind == "float" else int4_for_the_kernel(q.quantize_model(plain, kind, 32))
+    fused = copy.deepcopy(plain)
+    q.use_triton_kernels(fused, "fused", pdl=False)
+    assert all(type(b) is q.FusedBlock and type(b.feed_forward) is q.GatedFeedForward for b in fused.layers), kind
+    for m in (plain, fused):
+        m.setup_caches(1, 32)
+        m(tokens[:, :12], torch.arange(12), prefill=True)  # 12 rows: the plain path
+    for i in range(12, 15):  # decode: one row, the fused kernels
+        pos = torch.tensor([i])
+        assert rel(fused(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-4, (kind, i)
+    fused.compile_layer_once = True  # compiled as generate.py compiles it: the op's fake function, one layer graph
+    step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+    assert rel(step(fused, tokens[:, 15:16], torch.tensor([15])), plain(tokens[:, 15:16], torch.tensor([15]))) < 1e-4, kind
 print("ok")
 """
 
 
-def test_fused_int8_block_decodes_as_the_plain_model():
-    """Norms in the GEMV prologue, residual adds in the epilogue (kernels="fused"), in Triton's interpreter: the
-    kernels against the reference, then decode logits against the plain int8 model."""
+def test_fused_blocks_decode_as_the_plain_model():
+    """kernels="fused" for float, int8 and int4 weights, in Triton's interpreter: norms in the GEMV prologue and the
+    residual adds in the epilogue against the reference, then decode logits (eager and compiled) against the plain model."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(FUSED_CHECK)
 
 
-def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys():
-    """The CUDA decode module: w1 and w3 become views of one [2I, D] matrix; prefill-sized inputs take the plain path."""
-    pytest.importorskip("triton")
-    ff = FeedForward(tiny_args(dim=64, intermediate_size=96))
-    torch.nn.init.normal_(ff.w1.weight), torch.nn.init.normal_(ff.w3.weight)
-    for name in ("w1", "w2", "w3"):
-        lin = getattr(ff, name)
+def kernel_layer(lin: torch.nn.Linear, kind: str) -> torch.nn.Module:
+    """lin as use_triton_kernels / prepare_for_device leave it on CUDA (float, int8, or int4 in the GEMV's layout)."""
+    if kind == "float":
+        return q.FloatGemvLinear(lin)
+    if kind == "int8":
         qlin = q.WeightOnlyInt8Linear(lin.in_features, lin.out_features, torch.float32)
         qlin.weight, qlin.scales = q.quantize_int8(lin.weight.data)
-        setattr(ff, name, qlin)
+        return qlin
+    qlin = q.int4_layer(lin, *q.quantize_int4(lin.weight.data, 32))
+    qlin.kernel, qlin.packed = "triton", q.pack_int4_gemv(qlin.weight)
+    return qlin
+
+
+@pytest.mark.parametrize("kind", ["float", "int8", "int4"])
+def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys(kind):
+    """The CUDA decode module: w1 and w3 (and their scales) become views of one stacked copy; prefill-sized inputs
+    take the plain path."""
+    ff = FeedForward(tiny_args(dim=64, intermediate_size=96))
+    torch.nn.init.normal_(ff.w1.weight), torch.nn.init.normal_(ff.w3.weight)
+    ff.w1, ff.w3 = kernel_layer(ff.w1, kind), kernel_layer(ff.w3, kind)
     x = torch.randn(2, 9, 64)  # 18 rows: above the GEMV limit
     ref, keys = ff(x), set(ff.state_dict())
-    gated = q.Int8GatedFeedForward(ff)
-    assert gated.w1.weight.data_ptr() == gated.w13.data_ptr() and gated.w3.weight.data_ptr() == gated.w13[96:].data_ptr()
+    gated = q.GatedFeedForward(ff)
+    w_name, s_name, s_dim = gated.w1.kernel_tensors
+    w1, w3 = getattr(gated.w1, w_name), getattr(gated.w3, w_name)
+    assert w1.data_ptr() == gated.w13.data_ptr() and w3.data_ptr() == gated.w13[96:].data_ptr()
+    if s_name:
+        s3 = getattr(gated.w3, s_name)
+        assert s3.data_ptr() == gated.s13.select(s_dim, 96).data_ptr() and s3.shape == getattr(gated.w1, s_name).shape
     assert set(gated.state_dict()) == keys
     assert torch.equal(gated(x), ref)
 
@@ -270,7 +298,7 @@ def test_kernel_modules_keep_tensor_parallels_all_reduce_hook():
     for layer in model.layers:
         layer.feed_forward.register_forward_hook(lambda _m, _i, out: summed.append(out.shape) or out)
     q.use_triton_kernels(model, "auto", pdl=False)
-    assert all(type(layer.feed_forward) is q.Int8GatedFeedForward for layer in model.layers)
+    assert all(type(layer.feed_forward) is q.GatedFeedForward for layer in model.layers)
     q.use_triton_kernels(model, "torch", pdl=False)  # the swapped modules stay; their plain paths run on the CPU
     model.setup_caches(1, 8)
     model(torch.randint(0, 64, (1, 4)), torch.arange(4))
@@ -284,14 +312,12 @@ def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
 
     with FakeTensorMode():
         x, w, s = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.int8), torch.empty(40, dtype=torch.bfloat16)
+        words, sz = torch.empty(40, 8, dtype=torch.int32), torch.empty(2, 40, 2, dtype=torch.bfloat16)  # int4, K = 64, g32
         for pdl in (False, True):
-            assert q.int8_gemv_op(x, w, s, pdl).shape == (3, 40)
-            y = q.int8_gated_gemv_op(x, w, s, pdl)
-            assert y.shape == (3, 20) and y.dtype == torch.bfloat16
-            assert q.float_gemv_op(x, w.to(torch.bfloat16), pdl).shape == (3, 40)
-            words, sz = torch.empty(40, 8, dtype=torch.int32), torch.empty(2, 40, 2, dtype=torch.bfloat16)  # K = 64, g32
-            assert q.int4_gemv_op(x, words, sz, 32, pdl).shape == (3, 40)
-            assert q.int4_gemv_op(x, words, sz, 32, pdl, True).shape == (3, 20)
+            for weights in ((w, s, 0), (w.to(torch.bfloat16), None, 0), (words, sz, 32)):
+                assert q.gemv_op(x, *weights, pdl).shape == (3, 40)
+                y = q.gemv_op(x, *weights, pdl, True, x[0], 1e-5)  # gated, with a norm
+                assert y.shape == (3, 20) and y.dtype == torch.bfloat16
 
 
 def test_unknown_kernels_choice_is_a_clear_error():
