@@ -428,8 +428,9 @@ def parse_args(argv=None):
         "--kernels",
         choices=["auto", "fused", "gemv", "torch"],
         default="auto",
-        help="quantized matmuls on CUDA: auto (our Triton GEMVs for int8 and int4, int8 w1/w3 as one gated kernel), fused (also the "
-        "int8 norms and residual adds; H100: 5%% slower), gemv (Triton GEMVs only) or torch (inductor's own for int8, tinygemm for int4)",
+        help="decode matmuls on CUDA: auto (our Triton GEMVs for int8, int4 and float wo/w2; int8/int4 w1/w3 as one gated kernel), "
+        "fused (every linear layer of a block on our GEMVs, with the RMSNorms and residual adds inside them), gemv (the GEMVs "
+        "only) or torch (inductor's own reductions, tinygemm for int4)",
     )
     p.add_argument(
         "--attention_kernel",

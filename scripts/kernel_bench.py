@@ -49,6 +49,9 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     ref8 = x.float() @ (c8.float() * s8.float()[:, None]).t()
     ref4 = x.float() @ q.dequantize_int4(p4, sz, torch.float32).t()
     b8, b4 = N * K + N * 2, N * K // 2 + sz.numel() * 2
+    g, r = torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, torch.randn(rows, N, device=dev, dtype=torch.bfloat16)
+    xn = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()  # what kernels="fused" does inside
+    nr = dict(norm=g, eps=1e-5, residual=r)
     cases = {
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
         "bf16 triton": (lambda: q.gemv(x, wb), ref, N * K * 2),
@@ -56,6 +59,9 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
         **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},
         "int4 triton": (lambda: q.gemv(x, words, sz, 32), ref4, b4),
+        "bf16 triton +norm +residual": (lambda: q.gemv(x, wb, **nr), xn @ wb.float().t() + r.float(), N * K * 2),
+        "int8 triton +norm +residual": (lambda: q.gemv(x, c8, s8, **nr), xn @ (c8.float() * s8.float()[:, None]).t() + r.float(), b8),
+        "int4 triton +norm +residual": (lambda: q.gemv(x, words, sz, 32, **nr), xn @ q.dequantize_int4(p4, sz, torch.float32).t() + r.float(), b4),
     }
     for kname, (fn, r, nbytes) in cases.items():
         print_row(label, kname, fn, r, nbytes, bw)
@@ -75,22 +81,31 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     (c1, s1), (c3, s3) = (q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for _ in range(2))
     w13, s13 = torch.cat([c1, c3]), torch.cat([s1, s3])
     ref = F.silu(x.float() @ (c1.float() * s1.float()[:, None]).t()) * (x.float() @ (c3.float() * s3.float()[:, None]).t())
+    g = torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5
+    xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()).to(torch.bfloat16)
     cases = {
-        "int8 triton x2 + silu, mul": lambda: F.silu(q.gemv(x, c1, s1)) * q.gemv(x, c3, s3),
-        "int8 gated triton": lambda: q.gemv(x, w13, s13, gated=True),
+        "int8 triton x2 + silu, mul": (lambda: F.silu(q.gemv(x, c1, s1)) * q.gemv(x, c3, s3), ref),
+        "int8 gated triton": (lambda: q.gemv(x, w13, s13, gated=True), ref),
+        "int8 gated triton +norm": (lambda: q.gemv(x, w13, s13, gated=True, norm=g, eps=1e-5), q.gemv(xn, w13, s13, gated=True).float()),
     }
-    for kname, fn in cases.items():
-        print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref, 2 * (N * K + N * 2), bw)
+    for kname, (fn, r) in cases.items():  # +norm: against the kernel without the norm, on the normalized input
+        print_row(f"w1+w3 2x{N}x{K}", kname, fn, r, 2 * (N * K + N * 2), bw)
+    wf13 = (torch.randn(2 * N, K, device=dev) * 0.02).to(torch.bfloat16)
+    reff = F.silu(x.float() @ wf13[:N].float().t()) * (x.float() @ wf13[N:].float().t())
+    print_row(f"w1+w3 2x{N}x{K}", "bf16 gated triton", lambda: q.gemv(x, wf13, gated=True), reff, 4 * N * K, bw)
+    refn = q.gemv(xn, wf13, gated=True).float()
+    print_row(f"w1+w3 2x{N}x{K}", "bf16 gated triton +norm", lambda: q.gemv(x, wf13, gated=True, norm=g, eps=1e-5), refn, 4 * N * K, bw)
     p4, sz = q.quantize_int4((torch.randn(2 * N, K, device=dev) * 0.02).to(torch.bfloat16), 32)  # [w1; w3]
     w4 = q.dequantize_int4(p4, sz, torch.float32)
     ref4 = F.silu(x.float() @ w4[:N].t()) * (x.float() @ w4[N:].t())
     words, sz1, sz3 = q.pack_int4_gemv(p4), sz[:, :N].contiguous(), sz[:, N:].contiguous()
     cases = {
-        "int4 triton x2 + silu, mul": lambda: F.silu(q.gemv(x, words[:N], sz1, 32)) * q.gemv(x, words[N:], sz3, 32),
-        "int4 gated triton": lambda: q.gemv(x, words, sz, 32, gated=True),
+        "int4 triton x2 + silu, mul": (lambda: F.silu(q.gemv(x, words[:N], sz1, 32)) * q.gemv(x, words[N:], sz3, 32), ref4),
+        "int4 gated triton": (lambda: q.gemv(x, words, sz, 32, gated=True), ref4),
+        "int4 gated triton +norm": (lambda: q.gemv(x, words, sz, 32, gated=True, norm=g, eps=1e-5), q.gemv(xn, words, sz, 32, gated=True).float()),
     }
-    for kname, fn in cases.items():
-        print_row(f"w1+w3 2x{N}x{K}", kname, fn, ref4, N * K + sz.numel() * 2, bw)
+    for kname, (fn, r) in cases.items():
+        print_row(f"w1+w3 2x{N}x{K}", kname, fn, r, N * K + sz.numel() * 2, bw)
 
 
 if __name__ == "__main__":
