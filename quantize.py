@@ -490,7 +490,8 @@ class GatedFeedForward(FeedForward):
         self.w1, self.w2, self.w3 = ff.w1, ff.w2, ff.w3
         w_name, s_name, s_dim = ff.w1.kernel_tensors
         hidden = ff.w1.out_features  # per rank under tensor parallel
-        self.register_buffer("w13", torch.cat([getattr(ff.w1, w_name), getattr(ff.w3, w_name)]), persistent=False)
+        with torch.no_grad():  # else cat's autograd node would keep the separate float w1 and w3 alive
+            self.register_buffer("w13", torch.cat([getattr(ff.w1, w_name), getattr(ff.w3, w_name)]), persistent=False)
         self.register_buffer("s13", None, persistent=False)
         for lin, part in zip((self.w1, self.w3), self.w13.split(hidden), strict=True):
             setattr(lin, w_name, nn.Parameter(part, requires_grad=False) if isinstance(lin, FloatGemvLinear) else part)
@@ -673,14 +674,14 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
-    """int8 and int4 layers (int4: those repacked for it), and float wo and w2 (FloatGemvLinear), on our Triton
-    kernels: "gemv" the GEMVs alone; "auto" also SwiGLU's int8 or int4 w1/w3 as one gated kernel (H100, int8: 250.7
-    against 243.6 tokens/s, README); "fused" every linear layer of a block on our kernels (float ones too), with the
-    norms and residual adds inside them (FusedBlock); "torch" none of them."""
-    floats = ("wqkv", "wo", "w1", "w2", "w3") if kernels == "fused" else ("wo", "w2") if kernels != "torch" else ()
-    for m in list(model.modules()):  # after tensor parallel's sharding, which wants nn.Linear
-        for child in floats if isinstance(m, (Attention, FeedForward)) else ():
-            lin = getattr(m, child, None)
+    """Decode on our Triton kernels: int8 and int4 layers (int4: those repacked for it), and float wo and w2
+    (FloatGemvLinear). "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one gated kernel (H100, int8: 250.7
+    against 243.6 tokens/s) and float blocks fused (fuses); "fused": every block fused; "torch": none of them."""
+    fused = [m for m in model.modules() if fuses(m, kernels)]  # decided before any layer is swapped
+    fused_parts = {part for b in fused for part in (b.attention, b.feed_forward)}
+    for m in list(model.modules()) if kernels != "torch" else ():  # after tensor parallel's sharding, which wants nn.Linear
+        for child in ("wqkv", "wo", "w1", "w2", "w3") if m in fused_parts else ("wo", "w2"):
+            lin = getattr(m, child, None) if isinstance(m, (Attention, FeedForward)) else None
             if type(lin) is nn.Linear and lin.bias is None:
                 setattr(m, child, FloatGemvLinear(lin))
     for m in model.modules():
@@ -691,9 +692,20 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
             gated = GatedFeedForward(m)
             gated._forward_hooks.update(m._forward_hooks)  # tensor parallel's all-reduce of the output
             set_module(model, name, gated)
-    for name, m in list(model.named_modules()) if kernels == "fused" else ():
-        if type(m) is TransformerBlock and fusable(m):
+    for name, m in list(model.named_modules()):
+        if m in fused and fusable(m):
             set_module(model, name, FusedBlock(m))
+
+
+def fuses(block: nn.Module, kernels: str) -> bool:
+    """Whether use_triton_kernels makes block a FusedBlock: every dense block with kernels="fused", float ones by
+    default. H100, same starts: bf16 203.7 against 196.9 tokens/s; int4 395.6 against 403.5 (its norm prologue
+    costs more than the launches it saves), int8 290.8 against 306.4 (README)."""
+    ff = getattr(block, "feed_forward", None)
+    if type(block) is not TransformerBlock or type(ff) is not FeedForward or block.attention._forward_hooks or ff._forward_hooks:
+        return False  # Mixtral, an already swapped block, or tensor parallel's all-reduces (they add after reducing)
+    linears = (block.attention.wqkv, block.attention.wo, ff.w1, ff.w2, ff.w3)
+    return kernels == "fused" or (kernels == "auto" and all(type(lin) in (nn.Linear, FloatGemvLinear) for lin in linears))
 
 
 def gemv_ready(lin: nn.Module) -> bool:
@@ -702,10 +714,9 @@ def gemv_ready(lin: nn.Module) -> bool:
 
 
 def fusable(block: TransformerBlock) -> bool:
-    """wqkv, wo and w2 on our GEMV, the gated feed-forward, and no all-reduce hooks (tensor parallel adds after reducing)."""
-    attn, ff = block.attention, getattr(block, "feed_forward", None)
-    ready = isinstance(ff, GatedFeedForward) and all(gemv_ready(lin) for lin in (attn.wqkv, attn.wo, ff.w2))
-    return ready and not (attn._forward_hooks or ff._forward_hooks)
+    """wqkv, wo and w2 on our GEMV and the gated feed-forward (an int4 layer the kernel cannot take stays apart)."""
+    attn, ff = block.attention, block.feed_forward
+    return isinstance(ff, GatedFeedForward) and all(gemv_ready(lin) for lin in (attn.wqkv, attn.wo, ff.w2))
 
 
 # ---------------------------------------------------------------- GPTQ
