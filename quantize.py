@@ -675,13 +675,15 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
     """Decode on our Triton kernels: int8 and int4 layers (int4: those repacked for it), and float wo and w2
-    (FloatGemvLinear). "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one gated kernel (H100, int8: 250.7
-    against 243.6 tokens/s) and float blocks fused (fuses); "fused": every block fused; "torch": none of them."""
+    (FloatGemvLinear), and the float output layer. "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one gated
+    kernel (H100, int8: 250.7 against 243.6 tokens/s), and float and int8 blocks fused (fuses); "fused": every block
+    fused; "torch": none of them."""
     fused = [m for m in model.modules() if fuses(m, kernels)]  # decided before any layer is swapped
     fused_parts = {part for b in fused for part in (b.attention, b.feed_forward)}
     for m in list(model.modules()) if kernels != "torch" else ():  # after tensor parallel's sharding, which wants nn.Linear
-        for child in ("wqkv", "wo", "w1", "w2", "w3") if m in fused_parts else ("wo", "w2"):
-            lin = getattr(m, child, None) if isinstance(m, (Attention, FeedForward)) else None
+        # the output layer too: with the last w2 opaque, inductor's fused norm + output reduction took 179 us (H100)
+        for child in ("wqkv", "wo", "w1", "w2", "w3") if m in fused_parts else ("wo", "w2", "output"):
+            lin = getattr(m, child, None) if isinstance(m, (Attention, FeedForward, Transformer)) else None
             if type(lin) is nn.Linear and lin.bias is None:
                 setattr(m, child, FloatGemvLinear(lin))
     for m in model.modules():
@@ -698,14 +700,14 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
 
 
 def fuses(block: nn.Module, kernels: str) -> bool:
-    """Whether use_triton_kernels makes block a FusedBlock: every dense block with kernels="fused", float ones by
-    default. H100, same starts: bf16 203.7 against 196.9 tokens/s; int4 395.6 against 403.5 (its norm prologue
-    costs more than the launches it saves), int8 290.8 against 306.4 (README)."""
+    """Whether use_triton_kernels makes block a FusedBlock: every dense block with kernels="fused", float and int8
+    ones by default. H100, same starts: bf16 203.7 against 196.9 tokens/s, int8 339.5 against 326.5; but int4 395.6
+    against 403.5: its norm prologue costs more than the launches it saves (README)."""
     ff = getattr(block, "feed_forward", None)
     if type(block) is not TransformerBlock or type(ff) is not FeedForward or block.attention._forward_hooks or ff._forward_hooks:
         return False  # Mixtral, an already swapped block, or tensor parallel's all-reduces (they add after reducing)
     linears = (block.attention.wqkv, block.attention.wo, ff.w1, ff.w2, ff.w3)
-    return kernels == "fused" or (kernels == "auto" and all(type(lin) in (nn.Linear, FloatGemvLinear) for lin in linears))
+    return kernels == "fused" or (kernels == "auto" and not any(isinstance(lin, WeightOnlyInt4Linear) for lin in linears))
 
 
 def gemv_ready(lin: nn.Module) -> bool:

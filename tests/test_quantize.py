@@ -190,6 +190,7 @@ ref = prefill_then_decode(model, tokens, 12)
 q.use_triton_kernels(model, "gemv", pdl=False)  # wo and w2 alone (kernels="auto" fuses float blocks: FUSED_CHECK)
 assert all(type(b.attention.wo) is q.FloatGemvLinear and type(b.feed_forward.w2) is q.FloatGemvLinear for b in model.layers)
 assert all(type(b.attention.wqkv) is torch.nn.Linear and type(b.feed_forward.w1) is torch.nn.Linear for b in model.layers)
+assert type(model.output) is q.FloatGemvLinear
 for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):  # prefill on F.linear, decode on the GEMV
     assert rel(a, b) < 1e-5, (i, rel(a, b))
 print("ok")
@@ -197,8 +198,8 @@ print("ok")
 
 
 def test_float_wo_and_w2_decode_on_the_triton_gemv_as_on_f_linear():
-    """bf16 models on CUDA: wo and w2 become FloatGemvLinear (inductor's reductions read them below 90%); in Triton's
-    interpreter a float model's logits on them against the plain model's."""
+    """bf16 models on CUDA with kernels="gemv": wo, w2 and the output layer become FloatGemvLinear (inductor's
+    reductions read them below 90%); in Triton's interpreter a float model's logits on them against the plain model's."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(FLOAT_CHECK)
 
@@ -236,7 +237,7 @@ for kind in ("float", "int8", "int4"):
     plain = random_transformer(tiny_args(vocab_size=64))  # a small output layer: the interpreter is slow
     plain = plain if kind == "float" else int4_for_the_kernel(q.quantize_model(plain, kind, 32))
     fused = copy.deepcopy(plain)
-    q.use_triton_kernels(fused, "auto" if kind == "float" else "fused", pdl=False)  # the default fuses float blocks
+    q.use_triton_kernels(fused, "fused" if kind == "int4" else "auto", pdl=False)  # the default fuses float and int8 blocks
     assert all(type(b) is q.FusedBlock and type(b.feed_forward) is q.GatedFeedForward for b in fused.layers), kind
     for m in (plain, fused):
         m.setup_caches(1, 32)
@@ -252,7 +253,7 @@ print("ok")
 
 
 def test_fused_blocks_decode_as_the_plain_model():
-    """Fused blocks (the default for float weights, kernels="fused" for int8 and int4), in Triton's interpreter: norms in the GEMV prologue and the
+    """Fused blocks (the default for float and int8 weights, kernels="fused" for int4), in Triton's interpreter: norms in the GEMV prologue and the
     residual adds in the epilogue against the reference, then decode logits (eager and compiled) against the plain model."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(FUSED_CHECK)
@@ -310,20 +311,23 @@ def test_kernel_modules_keep_tensor_parallels_all_reduce_hook():
     assert len(summed) == len(model.layers)
 
 
-def test_default_kernels_fuse_float_blocks_only_where_measured_faster_and_never_under_tensor_parallel():
-    """kernels="auto": float blocks fused (H100 bf16 +3.5%), int8 and int4 blocks not (slower fused, README); a block
-    with tensor parallel's all-reduce hooks keeps its plain structure and inductor's wqkv, w1 and w3."""
+def test_default_kernels_fuse_blocks_only_where_measured_faster_and_never_under_tensor_parallel():
+    """kernels="auto": float and int8 blocks fused (H100 +3.5% and +4.0%), int4 blocks not (-2%, README); a block with
+    tensor parallel's all-reduce hooks keeps its plain structure and inductor's wqkv, w1 and w3."""
     pytest.importorskip("triton")
     float_model, int8_model = random_transformer(tiny_args()), q.quantize_model(random_transformer(tiny_args()), "int8")
-    tp_model = random_transformer(tiny_args())
+    int4_model, tp_model = q.quantize_model(random_transformer(tiny_args()), "int4", 32), random_transformer(tiny_args())
+    for m in int4_model.modules():  # as prepare_for_device leaves them on CUDA
+        if isinstance(m, q.WeightOnlyInt4Linear):
+            m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
     for layer in tp_model.layers:
         layer.attention.register_forward_hook(lambda _m, _i, out: out)
-    for m in (float_model, int8_model, tp_model):
+    for m in (float_model, int8_model, int4_model, tp_model):
         q.use_triton_kernels(m, "auto", pdl=False)
-    assert all(type(b) is q.FusedBlock for b in float_model.layers)
-    assert all(type(b) is TransformerBlock and type(b.feed_forward) is q.GatedFeedForward for b in int8_model.layers)
+    assert all(type(b) is q.FusedBlock for b in float_model.layers + int8_model.layers)
+    assert all(type(b) is TransformerBlock and type(b.feed_forward) is q.GatedFeedForward for b in int4_model.layers)
     assert all(type(b) is TransformerBlock and type(b.attention.wqkv) is torch.nn.Linear for b in tp_model.layers)
-    assert all(type(b.attention.wo) is q.FloatGemvLinear for b in tp_model.layers)
+    assert all(type(b.attention.wo) is q.FloatGemvLinear for b in tp_model.layers) and type(tp_model.output) is q.FloatGemvLinear
 
 
 def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
