@@ -426,11 +426,11 @@ def parse_args(argv=None):
     p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
     p.add_argument(
         "--kernels",
-        choices=["auto", "fused", "gemv", "torch"],
+        choices=["auto", "gemv", "torch"],
         default="auto",
-        help="decode matmuls on CUDA: auto (our Triton GEMVs for int8, int4 and float wo/w2; int8/int4 w1/w3 as one gated kernel), "
-        "fused (every linear layer of a block on our GEMVs, with the RMSNorms and residual adds inside them), gemv (the GEMVs "
-        "only) or torch (inductor's own reductions, tinygemm for int4)",
+        help="decode matmuls on CUDA: auto (every linear layer on our Triton GEMVs, w1/w3 as one gated kernel, the RMSNorms "
+        "and residual adds inside them), gemv (the GEMVs only; float: wo, w2, output) or torch (inductor's own reductions, "
+        "tinygemm for int4)",
     )
     p.add_argument(
         "--attention_kernel",

@@ -263,7 +263,7 @@ if triton is not None:
         by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights
         (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3.
         PDL, NORM and RESIDUAL as in int8_gemv_kernel (no RESIDUAL when GATED). NORM's work per x, amortized over only
-        BLOCK_N rows, takes the loop to 5.27 instructions per weight (3.99 gated): FusedBlock is opt-in for int4."""
+        BLOCK_N rows, takes the loop to 5.27 instructions per weight (3.99 gated): FusedBlock normalizes before it."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         rows = offs_n < N
@@ -401,12 +401,16 @@ class GemvLinear(nn.Module):
     kernel_tensors: tuple = ("weight", None, 0)
     max_rows = GEMV_MAX_ROWS
     groupsize = 0
+    norm_in_kernel = True  # FusedBlock: the RMSNorm inside this layer's GEMV, else an inductor kernel before it
 
     def on_gemv(self, x: Tensor) -> bool:
         return self.use_triton and x.numel() // x.shape[-1] <= self.max_rows
 
     def gemv(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
-        """x [..., K] -> [..., N] on the kernel; norm (an RMSNorm) applied to x on the way in, residual added on the way out."""
+        """x [..., K] -> [..., N] on the kernel; norm (an RMSNorm) applied to x on the way in (by an inductor kernel
+        before it where not norm_in_kernel), residual added on the way out."""
+        if norm is not None and not self.norm_in_kernel:
+            x, norm = norm(x), None
         w, s, _ = self.kernel_tensors
         return decode_gemv(getattr(self, w), getattr(self, s) if s else None, self.groupsize, self.pdl, x, norm, residual)
 
@@ -448,6 +452,7 @@ class WeightOnlyInt4Linear(GemvLinear):
 
     kernel_tensors = ("packed", "scales_and_zeros", 1)
     max_rows = DEQUANT_MIN_ROWS
+    norm_in_kernel = False  # H100: 11.9 -> 20.4 us for wqkv with it; fused int4 blocks 2% slower (README)
 
     def __init__(self, in_features: int, out_features: int, groupsize: int, dtype=torch.bfloat16):
         super().__init__()
@@ -506,13 +511,16 @@ class GatedFeedForward(FeedForward):
 
     def gemv(self, x: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
         """silu(w1 x) * w3 x [..., I] on the kernel; norm (an RMSNorm) applied to x on the way in."""
+        if norm is not None and not self.w1.norm_in_kernel:
+            x, norm = norm(x), None
         return decode_gemv(self.w13, self.s13, self.w1.groupsize, self.w1.pdl, x, norm, gated=True)
 
 
 class FusedBlock(TransformerBlock):
     """A transformer layer whose decode step (at most GEMV_MAX_ROWS rows) runs on four of our kernels plus attention:
-    wqkv and the gated w1/w3 kernel RMS-normalize their input as they read it, wo and w2 add the residual as they
-    store. That removes the add and norm kernels between them. Made by use_triton_kernels(kernels="fused"), on one GPU."""
+    wqkv and the gated w1/w3 kernel RMS-normalize their input as they read it (int4: a norm kernel before them), wo
+    and w2 add the residual as they store. That removes the add and norm kernels between them. Made by
+    use_triton_kernels, on one GPU."""
 
     def __init__(self, block: TransformerBlock):
         nn.Module.__init__(self)
@@ -637,8 +645,8 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
     On CUDA, int8 and int4 run on our Triton kernels (use_triton_kernels); kernels="torch" keeps inductor's fused
     dequantize-matmul for int8 and tinygemm for int4 (the usual approach). pdl: launch ours with programmatic
     dependent launch (generate.use_pdl)."""
-    if kernels not in ("auto", "fused", "gemv", "torch"):
-        raise ValueError(f"kernels={kernels!r}: use auto, fused, gemv or torch")
+    if kernels not in ("auto", "gemv", "torch"):
+        raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
     int4 = [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear)]
     for m in int4:
@@ -676,9 +684,8 @@ def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bo
 
 def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
     """Decode on our Triton kernels: int8 and int4 layers (int4: those repacked for it), and float wo and w2
-    (FloatGemvLinear), and the float output layer. "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one gated
-    kernel (H100, int8: 250.7 against 243.6 tokens/s), and float and int8 blocks fused (fuses); "fused": every block
-    fused; "torch": none of them."""
+    (FloatGemvLinear), and the float output layer. "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one
+    gated kernel (H100, int8: 250.7 against 243.6 tokens/s), and the blocks fused (fuses); "torch": none."""
     fused = [m for m in model.modules() if fuses(m, kernels)]  # decided before any layer is swapped
     fused_parts = {part for b in fused for part in (b.attention, b.feed_forward)}
     for m in list(model.modules()) if kernels != "torch" else ():  # after tensor parallel's sharding, which wants nn.Linear
@@ -690,7 +697,7 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
     for m in model.modules():
         if isinstance(m, GemvLinear):
             m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
-    for name, m in list(model.named_modules()) if kernels in ("auto", "fused") else ():
+    for name, m in list(model.named_modules()) if kernels == "auto" else ():
         if type(m) is FeedForward and gemv_ready(m.w1) and type(m.w1) is type(m.w3) and m.w1.groupsize == m.w3.groupsize:
             gated = GatedFeedForward(m)
             gated._forward_hooks.update(m._forward_hooks)  # tensor parallel's all-reduce of the output
@@ -701,14 +708,13 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
 
 
 def fuses(block: nn.Module, kernels: str) -> bool:
-    """Whether use_triton_kernels makes block a FusedBlock: every dense block with kernels="fused", float and int8
-    ones by default. H100, same starts: bf16 203.7 against 196.9 tokens/s, int8 339.5 against 326.5; but int4 395.6
-    against 403.5: its norm prologue costs more than the launches it saves (README)."""
+    """Whether use_triton_kernels makes block a FusedBlock: dense blocks with kernels="auto", not under tensor
+    parallel. H100, same starts: bf16 203.7 against 196.9 tokens/s, int8 339.5 against 326.5, int4 420.4 against
+    397.7 and 405.6 (README)."""
     ff = getattr(block, "feed_forward", None)
     if type(block) is not TransformerBlock or type(ff) is not FeedForward or block.attention._forward_hooks or ff._forward_hooks:
         return False  # Mixtral, an already swapped block, or tensor parallel's all-reduces (they add after reducing)
-    linears = (block.attention.wqkv, block.attention.wo, ff.w1, ff.w2, ff.w3)
-    return kernels == "fused" or (kernels == "auto" and not any(isinstance(lin, WeightOnlyInt4Linear) for lin in linears))
+    return kernels == "auto"
 
 
 def gemv_ready(lin: nn.Module) -> bool:

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The README's single-GPU figures (Llama-2-7B shape, random weights). Stages (default: all, in order):
 #   check cold warm artifacts profile ttft spec_ngram spec_draft (and, not by default: check_bf16_pdl check_int8_pdl seed nopdl layer_once
-#   warm_cprofile spec_draft_sampled int8 int8_fused int8_nopdl int8_gemv kernels check_int4 int4 int4_tinygemm ttft_int4 no_attention
-#   int8_no_attention fused bf16_gemv int4_fused check_fused)
+#   warm_cprofile spec_draft_sampled int8 int8_nopdl int8_gemv kernels check_int4 int4 int4_tinygemm ttft_int4 no_attention
+#   int8_no_attention bf16_gemv)
 # e.g. STAGES="cold spec_ngram" bash scripts/bench_h100.sh; outputs go to $OUT (default bench_out).
 set -u
 export PYTHONUNBUFFERED=1 TORCHINDUCTOR_CACHE_DIR=/tmp/ind_a
@@ -71,17 +71,8 @@ PY
     $G --prompt 16 --compile --temperature 0 --num_samples 3 --draft_quantize int4 >"$out/spec_draft_int4.txt" 2>&1 ;;
   int8)  # cold, writes its artifact file
     wall $G --prompt 16 --compile --quantize int8 --num_samples 3 --compile_cache "$out/cc_int8.bin" $TEXT >"$out/int8_auto.txt" 2>&1 ;;
-  int8_fused)  # --kernels fused: the norms and residual adds inside the int8 kernels; checked against eager first, then timed cold
-    python3 scripts/check_compiled.py --random_init 7B --n_layer 2 --quantize int8 --kernels fused --pdl on >"$out/check_int8_fused.txt" 2>&1
-    wall $G --prompt 16 --compile --quantize int8 --kernels fused --num_samples 3 $TEXT >"$out/int8_fused.txt" 2>&1 ;;
-  fused)  # --kernels fused for bf16 (what auto does for float blocks since session 9); cold
-    wall $G --prompt 16 --compile --kernels fused --num_samples 3 $TEXT >"$out/bf16_fused.txt" 2>&1 ;;
   bf16_gemv)  # bf16 with --kernels gemv (the default before session 9: wo and w2 on our GEMV, the rest inductor's); cold
     wall $G --prompt 16 --compile --kernels gemv --num_samples 3 $TEXT >"$out/bf16_gemv.txt" 2>&1 ;;
-  int4_fused)  # the same for int4 (stage int4 is the baseline)
-    wall $G --prompt 16 --compile --quantize int4 --kernels fused --num_samples 3 $TEXT >"$out/int4_fused.txt" 2>&1 ;;
-  check_fused)  # --kernels fused against eager, bf16 and int4, 2 layers, PDL on
-    for q in "" "--quantize int4"; do python3 scripts/check_compiled.py --random_init 7B --n_layer 2 $q --kernels fused --pdl on; done >"$out/check_fused.txt" 2>&1 ;;
   int8_nopdl)  # int8 without programmatic dependent launch, cold
     TORCHINDUCTOR_ENABLE_PDL=0 wall $G --prompt 16 --compile --quantize int8 --num_samples 3 $TEXT >"$out/int8_nopdl.txt" 2>&1 ;;
   int8_gemv)  # the gated w1/w3 kernel alone, then int8 without it (--kernels gemv), cold, writing its artifact file

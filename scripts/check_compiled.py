@@ -57,7 +57,7 @@ def parse_args(argv=None):
     p.add_argument("--random_init", default="7B", metavar="MODEL_NAME", help="named config of the random model")
     p.add_argument("--n_layer", type=int, default=4, help="layers to keep (fewer compile faster; every layer is alike)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the random weights in memory")
-    p.add_argument("--kernels", choices=["auto", "fused", "gemv", "torch"], default="auto", help="matmul kernels, as generate.py's flag")
+    p.add_argument("--kernels", choices=["auto", "gemv", "torch"], default="auto", help="matmul kernels, as generate.py's flag")
     p.add_argument(
         "--compile_layer_once",
         action=argparse.BooleanOptionalAction,

@@ -149,14 +149,14 @@ def test_gb_per_token_counts_only_the_activated_experts():
 
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_gb_per_token_counts_stacked_w1_w3_once(mode):
-    """kernels="fused" stacks w1 and w3 into one matrix (their modules keep views of it): the same bytes per token."""
+    """kernels="auto" stacks w1 and w3 into one matrix (their modules keep views of it): the same bytes per token."""
     pytest.importorskip("triton")
     import quantize
 
     model = random_transformer(tiny_args(), seed=0)
     model = quantize.quantize_model(model, mode) if mode else model
     before = generate.weight_bytes_per_token(model)
-    quantize.use_triton_kernels(model, "fused", pdl=False)  # what prepare_for_device does on CUDA
+    quantize.use_triton_kernels(model, "auto", pdl=False)  # what prepare_for_device does on CUDA
     assert all(type(layer.feed_forward) is quantize.GatedFeedForward for layer in model.layers)
     assert generate.weight_bytes_per_token(model) == before
 
