@@ -686,12 +686,14 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
     """Decode on our Triton kernels: int8 and int4 layers (int4: those repacked for it), and float wo and w2
     (FloatGemvLinear), and the float output layer. "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one
     gated kernel (H100, int8: 250.7 against 243.6 tokens/s), and the blocks fused (fuses); "torch": none."""
-    fused = [m for m in model.modules() if fuses(m, kernels)]  # decided before any layer is swapped
+    fused = [m for m in model.modules() if fuses(m)] if kernels == "auto" else []  # decided before any layer is swapped
     fused_parts = {part for b in fused for part in (b.attention, b.feed_forward)}
     for m in list(model.modules()) if kernels != "torch" else ():  # after tensor parallel's sharding, which wants nn.Linear
+        if not isinstance(m, (Attention, FeedForward, Transformer)):
+            continue
         # the output layer too: with the last w2 opaque, inductor's fused norm + output reduction took 179 us (H100)
         for child in ("wqkv", "wo", "w1", "w2", "w3") if m in fused_parts else ("wo", "w2", "output"):
-            lin = getattr(m, child, None) if isinstance(m, (Attention, FeedForward, Transformer)) else None
+            lin = getattr(m, child, None)
             if type(lin) is nn.Linear and lin.bias is None:
                 setattr(m, child, FloatGemvLinear(lin))
     for m in model.modules():
@@ -707,14 +709,12 @@ def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
             set_module(model, name, FusedBlock(m))
 
 
-def fuses(block: nn.Module, kernels: str) -> bool:
-    """Whether use_triton_kernels makes block a FusedBlock: dense blocks with kernels="auto", not under tensor
-    parallel. H100, same starts: bf16 203.7 against 196.9 tokens/s, int8 339.5 against 326.5, int4 420.4 against
-    397.7 and 405.6 (README)."""
+def fuses(block: nn.Module) -> bool:
+    """Whether kernels="auto" makes block a FusedBlock: a dense block, not yet swapped, without tensor parallel's
+    all-reduce hooks (they reduce before the residual add). H100, same starts: bf16 203.7 against 196.9 tokens/s,
+    int8 339.5 against 326.5, int4 420.4 against 397.7 and 405.6 (README)."""
     ff = getattr(block, "feed_forward", None)
-    if type(block) is not TransformerBlock or type(ff) is not FeedForward or block.attention._forward_hooks or ff._forward_hooks:
-        return False  # Mixtral, an already swapped block, or tensor parallel's all-reduces (they add after reducing)
-    return kernels == "auto"
+    return type(block) is TransformerBlock and type(ff) is FeedForward and not (block.attention._forward_hooks or ff._forward_hooks)
 
 
 def gemv_ready(lin: nn.Module) -> bool:
