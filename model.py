@@ -143,16 +143,23 @@ transformer_configs = {
 class KVCache(nn.Module):
     def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (max_batch_size, n_heads, max_seq_length, head_dim)  # [B, H_kv, S_max, D]
-        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        shape = (2, max_batch_size, n_heads, max_seq_length, head_dim)  # [k|v, B, H_kv, S_max, D]: one buffer, one write
+        self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def k_cache(self) -> Tensor:
+        return self.kv[0]
+
+    @property
+    def v_cache(self) -> Tensor:
+        return self.kv[1]
 
     def update(self, input_pos: Tensor, k_val: Tensor, v_val: Tensor):
-        """Write k/v [B, H_kv, S, D] at positions input_pos [S]; return the whole cache."""
+        """Write k/v [B, H_kv, S, D] at positions input_pos [S]; return the whole caches. One index_put for both:
+        compiled, one kernel per layer and step instead of two."""
         B = k_val.shape[0]
-        self.k_cache[:B, :, input_pos] = k_val
-        self.v_cache[:B, :, input_pos] = v_val
-        return self.k_cache[:B], self.v_cache[:B]
+        self.kv[:, :B, :, input_pos] = torch.stack([k_val, v_val])
+        return self.kv[0, :B], self.kv[1, :B]
 
 
 class Transformer(nn.Module):
