@@ -147,6 +147,14 @@ def test_gb_per_token_counts_only_the_activated_experts():
     assert generate.weight_bytes_per_token(moe) == expected
 
 
+def test_gb_per_token_leaves_out_the_kv_cache_and_rope_table():
+    """The GB/s figure counts weights: the caches, RoPE table and mask that setup_caches adds are not weights."""
+    model = random_transformer(tiny_args(), seed=0)
+    before = generate.weight_bytes_per_token(model)
+    model.setup_caches(2, 64)
+    assert generate.weight_bytes_per_token(model) == before
+
+
 @pytest.mark.parametrize("mode", [None, "int8"])
 def test_gb_per_token_counts_stacked_w1_w3_once(mode):
     """kernels="auto" stacks w1 and w3 into one matrix (their modules keep views of it): the same bytes per token."""
