@@ -159,7 +159,7 @@ class KVCache(nn.Module):
         compiled, one kernel per layer and step instead of two."""
         B = k_val.shape[0]
         self.kv[:, :B, :, input_pos] = torch.stack([k_val, v_val])
-        return self.kv[0, :B], self.kv[1, :B]
+        return self.k_cache[:B], self.v_cache[:B]
 
 
 class Transformer(nn.Module):
