@@ -5,8 +5,7 @@ Formats (what `quantize.py` writes and `generate.py` recognises from the tensors
   int4: `weight` uint8 [N, K/2] (even k in the high nibble), `scales_and_zeros` [K/g, N, 2]
                                                                 ->  w = (q - 8) * scale + zero
 The int4 layout is the input of `torch.ops.aten._convert_weight_to_int4pack`; at load time it is repacked for
-the Triton int4 GEMV below on CUDA (tinygemm with kernels="torch") or for torch's CPU int4 kernel; int8 weights
-move to the int8 GEMV's layout (transpose_chunks) on CUDA. On CUDA,
+the Triton int4 GEMV below on CUDA (tinygemm with kernels="torch") or for torch's CPU int4 kernel. On CUDA,
 decode steps run on the small Triton GEMV kernels below (int8 up to 8 rows, int4 up to 64, and float wo and w2,
 which inductor reads slowly); larger inputs use a dequantize-matmul (or F.linear).
 """
@@ -117,15 +116,6 @@ def unpack_int4_gemv(words: Tensor) -> Tensor:
     return q.view(N, 8 * W)
 
 
-def transpose_chunks(t: Tensor) -> Tensor:
-    """[..., K] -> the same values with each 16-wide chunk of the last dimension transposed as a 4 x 4 block: element
-    4 i + j of a chunk <- element 4 j + i (its own inverse). Int8 weights [N, K] take this layout for the int8 GEMV,
-    where byte j of a chunk's word i then meets x[4 j + i]: 4 contiguous x per byte position, one 8-byte load.
-    F.linear(transpose_chunks(x), transpose_chunks(w)) == F.linear(x, w), which is how prefill reads them."""
-    K = t.shape[-1]
-    return t.reshape(*t.shape[:-1], K // 16, 4, 4).transpose(-1, -2).reshape(t.shape)
-
-
 def dequantize_codes(q: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
     """Codes [N, K] and scales_and_zeros [K/g, N, 2] -> weights [N, K] = (q - 8) * scale + zero, group by group."""
     N, K = q.shape
@@ -143,6 +133,14 @@ def dequantize_int4(packed: Tensor, scales_and_zeros: Tensor, dtype) -> Tensor:
 if triton is not None:
 
     @triton.jit
+    def int8_to_float(w):
+        """int8 w as float32 without the int-to-float conversion (1/4 of the FMA rate): w + 128 is the byte of w with
+        its top bit flipped, and 0x4B000000 | (w + 128) are the bits of the float 2**23 + w + 128; so one XOR of the
+        zero-extended byte and one subtraction (exact). 5.7 instructions per weight in the GEMV loop instead of 6.8."""
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128
+
+    @triton.jit
     def load_x(x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
         """x[m, k] as float32; with NORM times the norm weight g[k], and x^2 summed into sq for the row's 1/rms."""
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
@@ -152,11 +150,12 @@ if triton is not None:
         return x, sq
 
     @triton.jit
-    def float_gemv_kernel(
-        x_ptr, w_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+    def int8_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
-        """y[m, n] = sum_k x[m, k] * w[n, k], float w; one program per (row m, BLOCK_N outputs).
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs). Float weights
+        (float_gemv) take the same loop without the conversion and the scales.
         PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish.
         NORM: x is RMS-normalized (weight g) first; 1/rms is one number per row, applied after the sum, so x is
         read once. RESIDUAL: y += r[m, n] as it is stored."""
@@ -171,26 +170,32 @@ if triton is not None:
             k = k0 + offs_k
             w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)
             x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
-            acc += w.to(tl.float32) * x[None, :]
+            if w_ptr.dtype.element_ty == tl.int8:
+                acc += int8_to_float(w) * x[None, :]
+            else:
+                acc += w.to(tl.float32) * x[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
         y = tl.sum(acc, axis=1)
+        if w_ptr.dtype.element_ty == tl.int8:
+            y *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if NORM:
             y *= tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
         if RESIDUAL:
             y += tl.load(r_ptr + m * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
-    _cf = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
-    float_gemv_tuned = triton.autotune([c for c in _cf if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"])(float_gemv_kernel)
+    _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w) for n in (2, 4, 8, 16, 32) for k in (256, 512, 1024, 2048) for w in (4, 8)]
+    int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"])(int8_gemv_kernel)
 
     @triton.jit
-    def float_gated_gemv_kernel(
-        x_ptr, w_ptr, y_ptr, g_ptr, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
+    def int8_gated_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
-        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the GEMVs of rows n and N + n of float
-        w [2N, K] (w1 then w3). One launch reads both matrices; no [M, 2N] intermediate is written. PDL and NORM as
-        in float_gemv_kernel."""
+        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the GEMVs of rows n and N + n of
+        w [2N, K] (w1 then w3; int8, or float without scales). One launch reads both matrices; no [M, 2N]
+        intermediate is written. PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
@@ -206,92 +211,23 @@ if triton is not None:
             wa = tl.load(w_ptr + rows, mask=mask, other=0)
             wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
             x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            if w_ptr.dtype.element_ty == tl.int8:
+                wa, wb = int8_to_float(wa), int8_to_float(wb)
             acc_a += wa.to(tl.float32) * x[None, :]
             acc_b += wb.to(tl.float32) * x[None, :]
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         a, b = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+        if w_ptr.dtype.element_ty == tl.int8:
+            a *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            b *= tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         if NORM:
             inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
             a, b = a * inv_rms, b * inv_rms
         tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
-    _cg = [c for c in _cf if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
-    float_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(float_gated_gemv_kernel)
-
-    @triton.jit
-    def int8_row_sum(acc, sum_x):
-        """The rows' sums of w x from the kernel's accumulator: acc holds sum u x * 2**-49 (u = w + 128, x scaled by
-        2**100), sum_x the scaled sum of x."""
-        return 562949953421312.0 * tl.sum(tl.sum(acc, axis=2), axis=0) - 128.0 * 7.888609052210118e-31 * sum_x
-
-    @triton.jit
-    def int8_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
-        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
-    ):  # fmt: skip
-        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k], w int8 [N, K] in transpose_chunks' layout (K % 16 == 0);
-        one program per (row m, BLOCK_N outputs), a thread per 16-byte chunk of k and BLOCK_N rows, so each x it
-        loads serves BLOCK_N rows. GATED: SwiGLU's silu(w1 x) * w3 x, w1 and w3 being rows n and N + n.
-        A weight becomes a float without a conversion: XOR 0x80 makes its byte u = w + 128, and the float whose bits
-        are u is u * 2**-149, a denormal that fma.rn keeps (Triton does not flush them). x is scaled by 2**100 so
-        the products stay normal; sum w x = 2**49 sum u x' - 128 sum x. One byte extract and one FMA per weight,
-        3.4 - 4.0 SASS instructions in all (sm_90, offline), against 5 - 7 for the float conversion.
-        PDL, NORM and RESIDUAL as in float_gemv_kernel. The epilogue's scales load before the loop."""
-        m, pid_n = tl.program_id(0), tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        rows = offs_n < N
-        cc, i = tl.arange(0, BLOCK_C), tl.arange(0, 4)
-        KC = K // 16  # chunks per row
-        words_ptr = w_ptr.to(tl.pointer_type(tl.int32))
-        acc_a = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)  # reduced once at the end
-        acc_b = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
-        sum_x = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
-        sq = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
-        sa = tl.load(s_ptr + offs_n, mask=rows, other=0.0).to(tl.float32)  # weights: safe to read before the wait
-        sb = sa
-        if GATED:
-            sb = tl.load(s_ptr + N + offs_n, mask=rows, other=0.0).to(tl.float32)
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-        if RESIDUAL:
-            res = tl.load(r_ptr + m * N + offs_n, mask=rows, other=0.0).to(tl.float32)
-        for c0 in range(0, KC, BLOCK_C):
-            c = c0 + cc
-            live = c < KC
-            w_off = offs_n[None, :, None] * (4 * KC) + 4 * c[:, None, None] + i[None, None, :]  # [BLOCK_C, BLOCK_N, 4]
-            w_mask = rows[None, :, None] & live[:, None, None]
-            wa = tl.load(words_ptr + w_off, mask=w_mask, other=-2139062144) ^ -2139062144  # 0x80808080; masked: u = 0
-            if GATED:
-                wb = tl.load(words_ptr + N * (4 * KC) + w_off, mask=w_mask, other=-2139062144) ^ -2139062144
-            for j in tl.static_range(4):  # byte j of word i meets x[16 c + 4 j + i]
-                k = 16 * c[:, None] + 4 * j + i[None, :]  # [BLOCK_C, 4]
-                x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
-                x *= 1.2676506002282294e30  # 2**100
-                sum_x += x
-                acc_a += ((wa >> (8 * j)) & 0xFF).to(tl.float32, bitcast=True) * x[:, None, :]
-                if GATED:
-                    acc_b += ((wb >> (8 * j)) & 0xFF).to(tl.float32, bitcast=True) * x[:, None, :]
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
-        sum_x_all = tl.sum(tl.sum(sum_x, axis=1), axis=0)
-        y = int8_row_sum(acc_a, sum_x_all) * sa
-        if NORM:
-            inv_rms = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / K + eps)
-            y *= inv_rms
-        if GATED:
-            b = int8_row_sum(acc_b, sum_x_all) * sb
-            if NORM:
-                b *= inv_rms
-            y = y * tl.sigmoid(y) * b
-        if RESIDUAL:
-            y += res
-        tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=rows)
-
-    # H100 sweep (session 11): 8 or 16 rows per thread, 1-8 warps along k
-    _c8 = [triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=w) for n, c, w in
-           ((4, 32, 1), (8, 32, 1), (8, 64, 1), (8, 64, 2), (8, 128, 2), (8, 128, 4), (16, 64, 2), (16, 128, 4), (16, 256, 4), (16, 256, 8))]  # fmt: skip
-    int8_gemv_tuned = triton.autotune(_c8, key=["N", "K", "GATED", "NORM", "RESIDUAL"])(int8_gemv_kernel)
+    _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
+    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(int8_gated_gemv_kernel)
 
     @triton.jit
     def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
@@ -326,7 +262,7 @@ if triton is not None:
         reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
         by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights
         (3.97 SASS instructions per weight in all, sm_90). EXP is an argument so that AND and OR make one LOP3.
-        PDL, NORM and RESIDUAL as in float_gemv_kernel (no RESIDUAL when GATED). NORM's work per x, amortized over only
+        PDL, NORM and RESIDUAL as in int8_gemv_kernel (no RESIDUAL when GATED). NORM's work per x, amortized over only
         BLOCK_N rows, takes the loop to 5.27 instructions per weight (3.99 gated): FusedBlock normalizes before it."""
         pid_n = tl.program_id(0)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -395,8 +331,7 @@ def gemv(
     x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groupsize: int = 0, pdl: bool = False, gated: bool = False,
     norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None, **config,
 ) -> Tensor:  # fmt: skip
-    """Our Triton GEMVs: x [M, K] (M small) against w, by its dtype: float [N, K]; int8 [N, K] in transpose_chunks'
-    layout with scales [N]; or int4
+    """Our Triton GEMVs: x [M, K] (M small) against w, by its dtype: float [N, K]; int8 [N, K] with scales [N]; or int4
     codes int32 [N, K/8] (pack_int4_gemv) with the checkpoint's scales_and_zeros [K/G, N, 2] (bf16) -> y [M, N].
     gated: w = [w1; w3] (scales likewise along N) -> silu(w1 x) * w3 x [M, N/2]. norm [K], eps: x RMS-normalized
     (weight norm) on the way in; residual [M, N]: added on the way out. pdl: launched with programmatic dependent
@@ -412,19 +347,10 @@ def gemv(
         sz = scales.view(torch.int32)  # may be a view (a gated module's w1): its row stride is an argument
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         kernel[grid](x, w, sz, y, g, r, M, N, K, sz.stride(0), 0x3F800000, eps, GROUP=groupsize, GATED=gated, **flags, **launch, **config)
-    elif w.dtype == torch.int8:  # one program per (row, BLOCK_N outputs)
-        if K % 16:
-            raise ValueError(f"int8 gemv: in_features {K} is not a multiple of 16")
-        kernel = int8_gemv_kernel if config else int8_gemv_tuned
-        grid = lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-        kernel[grid](x, w, scales, y, g, r, N, K, eps, GATED=gated, **flags, **launch, **config)
-    elif gated:
-        kernel = float_gated_gemv_kernel if config else float_gated_gemv_tuned
-        del flags["RESIDUAL"]
-        kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, y, g, N, K, eps, **flags, **launch, **config)
-    else:
-        kernel = float_gemv_kernel if config else float_gemv_tuned
-        kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, y, g, r, N, K, eps, **flags, **launch, **config)
+    else:  # int8 or float: one program per (row, BLOCK_N outputs)
+        kernel = (int8_gated_gemv_kernel if gated else int8_gemv_kernel) if config else (int8_gated_gemv_tuned if gated else int8_gemv_tuned)
+        s = w if scales is None else scales  # float weights: w stands in for the unused scales pointer
+        kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, s, y, g, r, N, K, eps, **flags, **launch, **config)
     return y
 
 
@@ -490,9 +416,6 @@ class GemvLinear(nn.Module):
 
 
 class WeightOnlyInt8Linear(GemvLinear):
-    """weight int8 [N, K] as in the checkpoint, or, once prepare_for_device has moved it to the GEMV's layout on CUDA
-    (chunks_transposed), in transpose_chunks' layout: decode on the kernel, prefill with x in the same layout."""
-
     kernel_tensors = ("weight", "scales", 0)
 
     def __init__(self, in_features: int, out_features: int, dtype=torch.bfloat16):
@@ -500,21 +423,12 @@ class WeightOnlyInt8Linear(GemvLinear):
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scales", torch.ones(out_features, dtype=dtype))
-        self.chunks_transposed = False
         self.use_triton = self.pdl = False  # set by prepare_for_device
-
-    @property
-    def kernel(self) -> str:
-        return "triton" if self.chunks_transposed else "torch"
-
-    def on_gemv(self, x: Tensor) -> bool:
-        return self.chunks_transposed and super().on_gemv(x)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.on_gemv(x):
             return self.gemv(x)
-        x_in = transpose_chunks(x) if self.chunks_transposed else x
-        return F.linear(x_in, self.weight.to(dtype=x.dtype)) * self.scales
+        return F.linear(x, self.weight.to(dtype=x.dtype)) * self.scales
 
 
 class FloatGemvLinear(GemvLinear):
@@ -727,16 +641,13 @@ def convert_for_checkpoint(model: Transformer, state_dict: dict) -> None:
 
 
 def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "auto", pdl: bool = False) -> None:
-    """Pick each quantized layer's kernels for where it runs; move int8 weights (transpose_chunks) and int4 codes to
-    their layouts (once: idempotent).
+    """Pick each quantized layer's kernels for where it runs; repack int4 codes for them (once: idempotent).
     On CUDA, int8 and int4 run on our Triton kernels (use_triton_kernels); kernels="torch" keeps inductor's fused
     dequantize-matmul for int8 and tinygemm for int4 (the usual approach). pdl: launch ours with programmatic
     dependent launch (generate.use_pdl)."""
     if kernels not in ("auto", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
     cuda_triton = kernels != "torch" and device.type == "cuda" and triton is not None and torch.version.hip is None
-    if cuda_triton:
-        int8_to_gemv_layout(model)
     int4 = [m for m in model.modules() if isinstance(m, WeightOnlyInt4Linear)]
     for m in int4:
         if m.packed is None:
@@ -746,14 +657,6 @@ def prepare_for_device(model: nn.Module, device: torch.device, kernels: str = "a
     use_triton_kernels(model, kernels if cuda_triton else "torch", pdl)
     if cuda_triton:
         torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
-
-
-def int8_to_gemv_layout(model: nn.Module) -> None:
-    """Move each int8 layer's weight to the int8 GEMV's layout (transpose_chunks), once; layers whose in_features
-    are not a multiple of 16 stay as they are, off the GEMV."""
-    for m in model.modules():
-        if isinstance(m, WeightOnlyInt8Linear) and not m.chunks_transposed and m.in_features % 16 == 0:
-            m.weight, m.chunks_transposed = transpose_chunks(m.weight), True
 
 
 def repack_int4(m: WeightOnlyInt4Linear, device: torch.device, triton_kernel: bool = False) -> None:

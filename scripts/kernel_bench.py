@@ -42,7 +42,6 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
     wb = w.to(torch.bfloat16)
     c8, s8 = q.quantize_int8(wb)
-    c8t = q.transpose_chunks(c8)  # the int8 GEMV's layout
     p4, sz = q.quantize_int4(wb, 32)
     packed = {t: torch.ops.aten._convert_weight_to_int4pack(p4, t) for t in (2, 4, 8)}  # inner k-tiles
     words = q.pack_int4_gemv(p4)
@@ -56,12 +55,12 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     cases = {
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),
         "bf16 triton": (lambda: q.gemv(x, wb), ref, N * K * 2),
-        "int8 triton": (lambda: q.gemv(x, c8t, s8), ref8, b8),
+        "int8 triton": (lambda: q.gemv(x, c8, s8), ref8, b8),
         "int8 inductor": (lambda: int8_torch(x, c8, s8), ref8, b8),
         **{f"int4 tinygemm k{t}": (lambda t=t: torch.ops.aten._weight_int4pack_mm(x, packed[t], 32, sz), ref4, b4) for t in (8, 4, 2)},
         "int4 triton": (lambda: q.gemv(x, words, sz, 32), ref4, b4),
         "bf16 triton +norm +residual": (lambda: q.gemv(x, wb, **nr), xn @ wb.float().t() + r.float(), N * K * 2),
-        "int8 triton +norm +residual": (lambda: q.gemv(x, c8t, s8, **nr), xn @ (c8.float() * s8.float()[:, None]).t() + r.float(), b8),
+        "int8 triton +norm +residual": (lambda: q.gemv(x, c8, s8, **nr), xn @ (c8.float() * s8.float()[:, None]).t() + r.float(), b8),
         "int4 triton +norm +residual": (lambda: q.gemv(x, words, sz, 32, **nr), xn @ q.dequantize_int4(p4, sz, torch.float32).t() + r.float(), b4),
     }
     for kname, (fn, r, nbytes) in cases.items():
@@ -80,12 +79,12 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     dev = torch.device("cuda")
     x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
     (c1, s1), (c3, s3) = (q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for _ in range(2))
-    w13, s13 = q.transpose_chunks(torch.cat([c1, c3])), torch.cat([s1, s3])
+    w13, s13 = torch.cat([c1, c3]), torch.cat([s1, s3])
     ref = F.silu(x.float() @ (c1.float() * s1.float()[:, None]).t()) * (x.float() @ (c3.float() * s3.float()[:, None]).t())
     g = torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5
     xn = (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()).to(torch.bfloat16)
     cases = {
-        "int8 triton x2 + silu, mul": (lambda: F.silu(q.gemv(x, w13[:N], s1)) * q.gemv(x, w13[N:], s3), ref),
+        "int8 triton x2 + silu, mul": (lambda: F.silu(q.gemv(x, c1, s1)) * q.gemv(x, c3, s3), ref),
         "int8 gated triton": (lambda: q.gemv(x, w13, s13, gated=True), ref),
         "int8 gated triton +norm": (lambda: q.gemv(x, w13, s13, gated=True, norm=g, eps=1e-5), q.gemv(xn, w13, s13, gated=True).float()),
     }
