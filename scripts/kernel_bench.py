@@ -1,7 +1,10 @@
 """Check and time the quantized GEMV kernels on the GPU, per Llama-2-7B layer shape, at batch 1.
 
-Prints, per shape: error against a float32 reference, microseconds (CUDA-graph replays, median), and GB/s.
-usage: python scripts/kernel_bench.py [--rows 1]
+Prints, per shape: error against a float32 reference, microseconds (CUDA-graph replays, median), and GB/s. One
+kernel replayed alone finds part of a matrix of up to 50 MB (the H100's L2) still cached: wo, w1/w3 and w2 read
+above what DRAM gives. --cold times what a decode step sees instead: a graph of calls on distinct weight copies
+(600 MB, not in L2), launched with PDL, and fits t = fixed cost + bytes / streaming rate per kernel.
+usage: python scripts/kernel_bench.py [--rows 1] [--cold]
 """
 
 import argparse
@@ -26,9 +29,12 @@ def time_us(fn) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--rows", type=int, default=1, help="input rows (batch x tokens)")
+    p.add_argument("--cold", action="store_true", help="weights not in L2, as in a decode step: fixed cost and rate per kernel")
     a = p.parse_args()
     bw = measure_read_bandwidth(torch.device("cuda"))
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, read bandwidth {bw:.0f} GB/s")
+    if a.cold:
+        return bench_cold(a.rows, bw)
     int8_torch = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
     print("| layer | kernel | rel. err | us | GB/s | % of read BW |\n|---|---|---|---|---|---|")
     for name, (N, K) in SHAPES.items():
@@ -106,6 +112,56 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
     }
     for kname, (fn, r) in cases.items():
         print_row(f"w1+w3 2x{N}x{K}", kname, fn, r, N * K + sz.numel() * 2, bw)
+
+
+def graph_us_per_call(calls: list) -> float:
+    """Median over 20 replays of one CUDA graph of the calls, per call (autotuning runs before the capture)."""
+    for c in calls:
+        c()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    times = []
+    for _ in range(21):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    return sorted(times)[10]
+
+
+def bench_cold(rows: int, bw: float) -> None:
+    """Per kernel family, K = 4096 and N from 4096 to 32000: us per call on weights not in L2 (each call of the graph
+    reads its own copy, 600 MB in all), PDL launches, and the least-squares fit t = a + bytes / B."""
+    dev = torch.device("cuda")
+    print("| kernel | N x K | us | % of read BW |\n|---|---|---|---|")
+    for kind in ("bf16", "int8", "int4"):
+        points = []
+        for N in (4096, 8192, 11008, 12288, 22016, 32000):
+            K, nbytes = 4096, {"bf16": 2 * N * 4096, "int8": N * 4096 + 2 * N, "int4": N * 4096 // 2 + N * 4096 // 8}[kind]
+            x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
+            calls = []
+            for _ in range(max(4, int(600e6 // nbytes))):
+                w = (torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)
+                if kind == "int8":
+                    args = (*q.quantize_int8(w), 0)
+                elif kind == "int4":
+                    packed, sz = q.quantize_int4(w, 32)
+                    args = (q.pack_int4_gemv(packed), sz, 32)
+                else:
+                    args = (w, None, 0)
+                calls.append(lambda x=x, args=args: q.gemv(x, *args, pdl=True))
+            us = graph_us_per_call(calls)
+            points.append((nbytes, us))
+            print(f"| {kind} | {N}x{K} | {us:.2f} | {100 * nbytes / us / 1e3 / bw:.1f}% |")
+            del calls
+            torch.cuda.empty_cache()
+        b, t = torch.tensor(points, dtype=torch.float64).unbind(1)
+        slope = float(((b - b.mean()) * (t - t.mean())).sum() / ((b - b.mean()) ** 2).sum())
+        print(f"| {kind} | fit | {float(t.mean() - slope * b.mean()):.2f} us per call + bytes at {1e-3 / slope:.0f} GB/s | |")
 
 
 if __name__ == "__main__":
