@@ -357,7 +357,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     embedding and, in a mixture of experts, only the activated experts (top-k of E)."""
     per_storage, cfg = {}, model.config  # tied or fused weights (views of one storage) count once
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if ".kv_cache." in name or name.endswith(("freqs_cis", "causal_mask")):
+        if name.endswith(("kv_cache.kv", "freqs_cis", "causal_mask")):
             continue
         share = cfg.num_activated_experts / cfg.num_experts if ".cond_ffn." in name else 1.0
         key = t.untyped_storage().data_ptr()

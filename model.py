@@ -145,8 +145,6 @@ class KVCache(nn.Module):
         super().__init__()
         shape = (2, max_batch_size, n_heads, max_seq_length, head_dim)  # [k|v, B, H_kv, S_max, D]: one buffer, one write
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        # decode_attention's splits of each head count in here as they finish; the last one combines them
-        self.register_buffer("split_counts", torch.zeros(max_batch_size, n_heads, dtype=torch.int32, device=device), persistent=False)
 
     @property
     def k_cache(self) -> Tensor:
@@ -270,8 +268,7 @@ class Attention(nn.Module):
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, S, D]
         k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, S_max, D]
         if S == 1 and mask is not None and self.decode_kernel_pdl is not None:  # q's RoPE and attention in one kernel
-            counts = self.kv_cache.split_counts
-            y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, counts, self.n_head, self.decode_kernel_pdl)
+            y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.decode_kernel_pdl)
             return y.view(B, 1, q_size)
         q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)  # [B, H, S, D]
         gqa = self.n_head != self.n_local_heads
@@ -429,16 +426,14 @@ if triton is not None:
 
     @triton.jit
     def decode_attention_kernel(
-        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, acc_ptr, ml_ptr, count_ptr, S_MAX, CHUNK, scale,
+        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, acc_ptr, ml_ptr, S_MAX, CHUNK, scale,
         H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
     ):  # fmt: skip
         """One decode step of attention for batch row b, key/value head h and its G = H / HKV query heads, over
         cache positions [split * CHUNK, (split + 1) * CHUNK) up to pos (the caches [B, HKV, S_MAX, D] already hold
         this step's k and v): RoPE on the new q, then an online softmax(q K^T * scale) V, BLOCK_T positions at a time.
         qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos. One split writes y [B, H D];
-        several write their unnormalized sums to acc [B, HKV, SPLITS, G, D] and (max, sum) to ml [..., G, 2], then
-        count themselves in count [B, HKV] (int32, only ever incremented: SPLITS, a power of 2, divides 2**32), and
-        the last split of the head to finish combines them into y: no second kernel."""
+        several write their unnormalized sums to acc [B, HKV, SPLITS, G, D] and (max, sum) to ml [..., G, 2]."""
         b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         G: tl.constexpr = H // HKV
         half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
@@ -476,35 +471,31 @@ if triton is not None:
             tl.store(acc_ptr + (part * G + g[:, None]) * D + d[None, :], acc)
             tl.store(ml_ptr + (part * G + g) * 2, m)
             tl.store(ml_ptr + (part * G + g) * 2 + 1, l)
-            tl.debug_barrier()  # all of this program's stores before its release below
-            done = tl.atomic_add(count_ptr + b * HKV + h, 1, sem="acq_rel")  # splits of this head finished before it
-            if (done & (SPLITS - 1)) == SPLITS - 1:
-                combine_splits(acc_ptr, ml_ptr, y_ptr, b, h, H, HKV, D, SPLITS)
 
     @triton.jit
-    def combine_splits(acc_ptr, ml_ptr, y_ptr, b, h, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr):
-        """y [B, H D] of head h from its splits' partial sums: each split's share rescaled by exp(its max - the overall
-        max). Read past L1 (.cg): other programs wrote them."""
+    def combine_splits_kernel(acc_ptr, ml_ptr, y_ptr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """y [B, H D] from the splits' partial sums: each split's share rescaled by exp(its max - the overall max)."""
+        b, h = tl.program_id(0), tl.program_id(1)
         G: tl.constexpr = H // HKV
         sp, g, d = tl.arange(0, SPLITS), tl.arange(0, G), tl.arange(0, D)
         part = ((b * HKV + h) * SPLITS + sp[:, None]) * G + g[None, :]  # [SPLITS, G]
-        m, l = tl.load(ml_ptr + part * 2, cache_modifier=".cg"), tl.load(ml_ptr + part * 2 + 1, cache_modifier=".cg")
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        m, l = tl.load(ml_ptr + part * 2), tl.load(ml_ptr + part * 2 + 1)
         w = tl.exp(m - tl.max(m, axis=0)[None, :])  # split 0 always holds position 0, so the max is finite
-        acc = tl.sum(w[:, :, None] * tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :], cache_modifier=".cg"), axis=0)  # [G, D]
+        acc = tl.sum(w[:, :, None] * tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :]), axis=0)  # [G, D]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         y = acc / tl.sum(w * l, axis=0)[:, None]
         tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty))
 
     @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
-    def decode_attention(
-        qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, split_counts: Tensor, n_head: int, pdl: bool
-    ) -> Tensor:  # fmt: skip
+    def decode_attention(qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool) -> Tensor:
         """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
         [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
         functionalize a custom op that writes them inside the compiled layer region (torch 2.13).
         The cache is split into up to SPLITS ranges (flash-decoding) so that about two programs per SM run even when
-        batch x key/value heads is small (Llama 3 8B at batch 1: 8); the last split of each head to finish combines
-        them, counted in split_counts [B, HKV] (KVCache's; declared unmutated: only ever incremented, its value
-        modulo the number of splits, a power of 2, is the same before and after every call)."""
+        batch x key/value heads is small (Llama 3 8B at batch 1: 8); a second kernel combines them."""
         (_, HKV, S_MAX, D), B = k_cache.shape, qkv.shape[0]  # the caches may hold more batch rows than this step
         G = n_head // HKV
         block_t = max(8, 32 // G)  # q K^T as a [G, BLOCK_T, D] product: about 4K values, no register spills
@@ -516,13 +507,15 @@ if triton is not None:
         ml = torch.empty(B, HKV, splits, G, 2, dtype=torch.float32, device=qkv.device) if splits > 1 else y
         launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
         decode_attention_kernel[(B, HKV, splits)](
-            qkv, freqs, input_pos, k_cache, v_cache, y, acc, ml, split_counts, S_MAX, chunk, D**-0.5,
+            qkv, freqs, input_pos, k_cache, v_cache, y, acc, ml, S_MAX, chunk, D**-0.5,
             H=n_head, HKV=HKV, D=D, BLOCK_T=block_t, SPLITS=splits, PDL=pdl, **launch,
         )  # fmt: skip
+        if splits > 1:
+            combine_splits_kernel[(B, HKV)](acc, ml, y, H=n_head, HKV=HKV, D=D, SPLITS=splits, PDL=pdl, **launch)
         return y
 
     @decode_attention.register_fake
-    def _(qkv, freqs, input_pos, k_cache, v_cache, split_counts, n_head, pdl):
+    def _(qkv, freqs, input_pos, k_cache, v_cache, n_head, pdl):
         return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
 
 

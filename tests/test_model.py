@@ -180,7 +180,7 @@ for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_head
     assert M.use_decode_attention_kernel(fast, pdl=False)
     tokens = torch.randint(0, 512, (2, 40))
     for m in (plain, fast):
-        m.setup_caches(2, 64)  # 64 cache rows: 2 (MHA) and 8 (GQA) ranges, some empty, combined by the last to finish
+        m.setup_caches(2, 64)  # 64 cache rows: 2 (MHA) and 4 (GQA) ranges, some empty, combined by a second kernel
         m(tokens[:, :30], torch.arange(30), prefill=True)  # prefill: SDPA in both
     for i in range(30, 33):
         pos = torch.tensor([i])
@@ -193,8 +193,6 @@ for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_head
     pos = torch.tensor([33])
     assert rel(step(fast, tokens[:, 33:34], pos), plain(tokens[:, 33:34], pos)) < 1e-5, kw
     assert rel(fast.layers[1].attention.kv_cache.k_cache, plain.layers[1].attention.kv_cache.k_cache) < 1e-6
-    counts = fast.layers[0].attention.kv_cache.split_counts  # every split of every head, batch row and call counted once
-    assert torch.equal(counts, torch.full_like(counts, 4 * (2 if kw["n_head"] == 4 else 8))), counts
 assert not M.use_decode_attention_kernel(random_transformer(tiny_args(dim=96, n_head=2, n_local_heads=2)), pdl=False)  # head 48
 print("ok")
 """
