@@ -150,25 +150,13 @@ if triton is not None:
         return x, sq
 
     @triton.jit
-    def tile_dot(acc, w, x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
-        """acc += w * x[m, k] for one [BLOCK_N, BLOCK_K] tile of weights (int8 or float); NORM as load_x."""
-        x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
-        if w.dtype == tl.int8:
-            return acc + int8_to_float(w) * x[None, :], sq
-        return acc + w.to(tl.float32) * x[None, :], sq
-
-    @triton.jit
     def int8_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PRE: tl.constexpr = 0,
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs). Float weights
         (float_gemv) take the same loop without the conversion and the scales.
         PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish.
-        PRE (0-2): tiles of weights loaded before that wait (they do not depend on it), and the next kernel let in
-        right after it, not after the loop: it streams its own first tiles while this one works, and waits; no
-        third kernel comes in before this one is done. H100, a graph of int8 GEMVs on weights not in L2: 19.1 -
-        19.4 us per call against 20.0 - 20.1 (tile 4 x 1024, 4 warps; README).
         NORM: x is RMS-normalized (weight g) first; 1/rms is one number per row, applied after the sum, so x is
         read once. RESIDUAL: y += r[m, n] as it is stored."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -176,24 +164,17 @@ if triton is not None:
         offs_k = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        rows, live = w_ptr + offs_n[:, None] * K, offs_n[:, None] < N
-        if PRE >= 1:
-            w0 = tl.load(rows + offs_k[None, :], mask=live & (offs_k[None, :] < K), other=0)
-        if PRE >= 2:
-            w1 = tl.load(rows + BLOCK_K + offs_k[None, :], mask=live & (BLOCK_K + offs_k[None, :] < K), other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-            if PRE > 0:
-                tl.extra.cuda.gdc_launch_dependents()
-        if PRE >= 1:
-            acc, sq = tile_dot(acc, w0, x_ptr, g_ptr, m, offs_k, K, sq, NORM)
-        if PRE >= 2:
-            acc, sq = tile_dot(acc, w1, x_ptr, g_ptr, m, BLOCK_K + offs_k, K, sq, NORM)
-        for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
-            w = tl.load(rows + k[None, :], mask=live & (k[None, :] < K), other=0)
-            acc, sq = tile_dot(acc, w, x_ptr, g_ptr, m, k, K, sq, NORM)
-        if PDL and PRE == 0:
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0)
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            if w_ptr.dtype.element_ty == tl.int8:
+                acc += int8_to_float(w) * x[None, :]
+            else:
+                acc += w.to(tl.float32) * x[None, :]
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
         y = tl.sum(acc, axis=1)
         if w_ptr.dtype.element_ty == tl.int8:
@@ -208,51 +189,33 @@ if triton is not None:
     int8_gemv_tuned = triton.autotune([c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"])(int8_gemv_kernel)
 
     @triton.jit
-    def gated_tile_dot(acc_a, acc_b, wa, wb, x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
-        """tile_dot for the two matrices of a gated kernel, x loaded once."""
-        x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
-        if wa.dtype == tl.int8:
-            wa, wb = int8_to_float(wa), int8_to_float(wb)
-        return acc_a + wa.to(tl.float32) * x[None, :], acc_b + wb.to(tl.float32) * x[None, :], sq
-
-    @triton.jit
     def int8_gated_gemv_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr, PRE: tl.constexpr = 0,
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
     ):  # fmt: skip
         """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the GEMVs of rows n and N + n of
         w [2N, K] (w1 then w3; int8, or float without scales). One launch reads both matrices; no [M, 2N]
-        intermediate is written. PDL, PRE and NORM as in int8_gemv_kernel; no RESIDUAL."""
+        intermediate is written. PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
         m, pid_n = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         sq = tl.zeros([BLOCK_K], dtype=tl.float32)
-        rows_a, live = w_ptr + offs_n[:, None] * K, offs_n[:, None] < N
-        rows_b = rows_a + N * K
-        if PRE >= 1:
-            mask = live & (offs_k[None, :] < K)
-            wa0, wb0 = tl.load(rows_a + offs_k[None, :], mask=mask, other=0), tl.load(rows_b + offs_k[None, :], mask=mask, other=0)
-        if PRE >= 2:
-            mask = live & (BLOCK_K + offs_k[None, :] < K)
-            wa1 = tl.load(rows_a + BLOCK_K + offs_k[None, :], mask=mask, other=0)
-            wb1 = tl.load(rows_b + BLOCK_K + offs_k[None, :], mask=mask, other=0)
         if PDL:
             tl.extra.cuda.gdc_wait()
-            if PRE > 0:
-                tl.extra.cuda.gdc_launch_dependents()
-        if PRE >= 1:
-            acc_a, acc_b, sq = gated_tile_dot(acc_a, acc_b, wa0, wb0, x_ptr, g_ptr, m, offs_k, K, sq, NORM)
-        if PRE >= 2:
-            acc_a, acc_b, sq = gated_tile_dot(acc_a, acc_b, wa1, wb1, x_ptr, g_ptr, m, BLOCK_K + offs_k, K, sq, NORM)
-        for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
+        for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
-            mask = live & (k[None, :] < K)
-            wa = tl.load(rows_a + k[None, :], mask=mask, other=0)
-            wb = tl.load(rows_b + k[None, :], mask=mask, other=0)
-            acc_a, acc_b, sq = gated_tile_dot(acc_a, acc_b, wa, wb, x_ptr, g_ptr, m, k, K, sq, NORM)
-        if PDL and PRE == 0:
+            mask = (offs_n[:, None] < N) & (k[None, :] < K)
+            rows = offs_n[:, None] * K + k[None, :]
+            wa = tl.load(w_ptr + rows, mask=mask, other=0)
+            wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            if w_ptr.dtype.element_ty == tl.int8:
+                wa, wb = int8_to_float(wa), int8_to_float(wb)
+            acc_a += wa.to(tl.float32) * x[None, :]
+            acc_b += wb.to(tl.float32) * x[None, :]
+        if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         a, b = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
         if w_ptr.dtype.element_ty == tl.int8:
@@ -265,10 +228,6 @@ if triton is not None:
 
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
     int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(int8_gated_gemv_kernel)
-    # int8 on CUDA: fixed tiles, not the autotuner's (it times one kernel alone, where loading ahead of the wait
-    # gains nothing); in a graph of GEMVs on weights not in L2, 4 x 1024 matched its picks (20.1 against 20.0 us)
-    INT8_TILE = dict(BLOCK_N=4, BLOCK_K=1024, PRE=2, num_warps=4)
-    INT8_TILE_GATED = dict(BLOCK_N=4, BLOCK_K=512, PRE=2, num_warps=4)
 
     @triton.jit
     def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
@@ -390,8 +349,6 @@ def gemv(
         kernel[grid](x, w, sz, y, g, r, M, N, K, sz.stride(0), 0x3F800000, eps, GROUP=groupsize, GATED=gated, **flags, **launch, **config)
     else:  # int8 or float: one program per (row, BLOCK_N outputs)
         kernel = (int8_gated_gemv_kernel if gated else int8_gemv_kernel) if config else (int8_gated_gemv_tuned if gated else int8_gemv_tuned)
-        if w.dtype == torch.int8 and not config:  # one tile for all shapes, two tiles of it loaded before the wait
-            kernel, config = int8_gated_gemv_kernel if gated else int8_gemv_kernel, dict(INT8_TILE_GATED if gated else INT8_TILE)
         s = w if scales is None else scales  # float weights: w stands in for the unused scales pointer
         kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](x, w, s, y, g, r, N, K, eps, **flags, **launch, **config)
     return y
