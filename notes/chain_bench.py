@@ -16,7 +16,10 @@ import torch
 import triton
 import triton.language as tl
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from kernel_bench import graph_us_per_call  # noqa: E402
+
 import quantize as q  # noqa: E402
 from generate import measure_read_bandwidth  # noqa: E402
 from quantize import int8_to_float  # noqa: E402
@@ -67,24 +70,6 @@ def chain_gemv_kernel(
         tl.extra.cuda.gdc_launch_dependents()
     y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
     tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
-
-
-def graph_us_per_call(calls: list) -> float:
-    for c in calls:
-        c()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    return sorted(times)[7]
 
 
 def main():
