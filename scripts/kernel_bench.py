@@ -115,7 +115,7 @@ def bench_gated(N: int, K: int, rows: int, bw: float) -> None:
 
 
 def graph_us_per_call(calls: list) -> float:
-    """Median over 20 replays of one CUDA graph of the calls, per call (autotuning runs before the capture)."""
+    """Median of 21 replays of one CUDA graph of the calls, per call (autotuning runs before the capture)."""
     for c in calls:
         c()
     graph = torch.cuda.CUDAGraph()
@@ -141,7 +141,8 @@ def bench_cold(rows: int, bw: float) -> None:
     for kind in ("bf16", "int8", "int4"):
         points = []
         for N in (4096, 8192, 11008, 12288, 22016, 32000):
-            K, nbytes = 4096, {"bf16": 2 * N * 4096, "int8": N * 4096 + 2 * N, "int4": N * 4096 // 2 + N * 4096 // 8}[kind]
+            K = 4096
+            nbytes = {"bf16": 2 * N * K, "int8": N * K + 2 * N, "int4": N * K // 2 + N * K // 8}[kind]  # int4: + bf16 (scale, zero) per 32
             x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
             calls = []
             for _ in range(max(4, int(600e6 // nbytes))):
