@@ -325,6 +325,10 @@ if triton is not None:
     # 4 rows per thread (8 would pass the scales through shared memory); warps side by side along k
     _c4 = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)]
     int4_gemv_tuned = triton.autotune(_c4, key=["M", "N", "K", "GROUP", "GATED", "NORM"])(int4_gemv_kernel)
+    # One row (decode) takes a fixed tile: the autotuner times each tile alone, weights partly in L2, and in some
+    # processes picked 1 or 4 warps for a layer, 384 instead of 423 tokens/s (H100, int4 7B). On cold weights in a
+    # graph of the step's GEMVs, 2 warps is the fastest or within 1% for every layer shape (notes/perf.md, session 12).
+    INT4_DECODE_TILE = {"BLOCK_N": 4, "BLOCK_C": 64, "num_warps": 2}
 
 
 def gemv(
@@ -335,7 +339,8 @@ def gemv(
     codes int32 [N, K/8] (pack_int4_gemv) with the checkpoint's scales_and_zeros [K/G, N, 2] (bf16) -> y [M, N].
     gated: w = [w1; w3] (scales likewise along N) -> silu(w1 x) * w3 x [M, N/2]. norm [K], eps: x RMS-normalized
     (weight norm) on the way in; residual [M, N]: added on the way out. pdl: launched with programmatic dependent
-    launch (Hopper and later), as inductor launches its own kernels. config fixes the tile (tests), else autotuned."""
+    launch (Hopper and later), as inductor launches its own kernels. config fixes the tile (tests), else autotuned
+    (int4 with one row: INT4_DECODE_TILE)."""
     M, K = x.shape
     N = w.shape[0] // 2 if gated else w.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
@@ -343,6 +348,7 @@ def gemv(
     flags = dict(PDL=pdl, NORM=norm is not None, RESIDUAL=residual is not None)
     launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
     if w.dtype == torch.int32:  # int4: one program per BLOCK_N outputs, the M rows in turn
+        config = config or (INT4_DECODE_TILE if M == 1 else {})
         kernel = int4_gemv_kernel if config else int4_gemv_tuned
         sz = scales.view(torch.int32)  # may be a view (a gated module's w1): its row stride is an argument
         grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731

@@ -71,7 +71,8 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     }
     for kname, (fn, r, nbytes) in cases.items():
         print_row(label, kname, fn, r, nbytes, bw)
-    print(f"| {label} | int4 triton tuned config: {q.int4_gemv_tuned.best_config} | | | | |")
+    tile = q.INT4_DECODE_TILE if x.shape[0] == 1 else q.int4_gemv_tuned.best_config
+    print(f"| {label} | int4 triton tile: {tile} | | | | |")
 
 
 def print_row(label: str, kname: str, fn, ref, nbytes: int, bw: float) -> None:
