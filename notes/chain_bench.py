@@ -18,7 +18,7 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from kernel_bench import graph_us_per_call  # noqa: E402
+from kernel_bench import graph_us_per_call, random_gemv_weights  # noqa: E402
 
 import quantize as q  # noqa: E402
 from generate import measure_read_bandwidth  # noqa: E402
@@ -72,29 +72,41 @@ def chain_gemv_kernel(
     tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
 
+LAYER = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # wqkv, wo, w1 and w3 as one, w2
+
+
+def chain_weights(dev) -> tuple[list, dict, dict, float]:
+    """12 layers of distinct int8 weights [(codes, scales)], an input per K, an output per N, mean bytes per GEMV."""
+    mats = [random_gemv_weights("int8", N, K, dev)[:2] for _ in range(12) for N, K in LAYER]
+    xs = {K: torch.randn(1, K, device=dev, dtype=torch.bfloat16) for K in (4096, 11008)}
+    ys = {N: torch.empty(1, N, device=dev, dtype=torch.bfloat16) for N, _ in LAYER}
+    return mats, xs, ys, sum(c.numel() + 2 * c.shape[0] for c, _ in mats) / len(mats)
+
+
+def chain_calls(mats, xs, ys, bn: int, bk: int, mode: str) -> list:
+    """One chain_gemv_kernel launch per matrix (tile bn x bk, 4 warps, PDL), in order."""
+    calls = []
+    for i, (c, s) in enumerate(mats):
+        (N, K), nxt = c.shape, mats[(i + 1) % len(mats)][0]
+        grid = (1, triton.cdiv(N, bn))
+        pf_rows = triton.next_power_of_2(triton.cdiv(nxt.shape[0], grid[1]))
+        args = (xs[K], c, s, ys[N], nxt, N, K, nxt.shape[0], nxt.shape[1])
+        meta = dict(BLOCK_N=bn, BLOCK_K=bk, MODE=mode, PF_ROWS=pf_rows, num_warps=4, launch_pdl=True)
+        calls.append(lambda g=grid, a=args, kw=meta: chain_gemv_kernel[g](*a, **kw))
+    return calls
+
+
 def main():
     dev = torch.device("cuda")
     bw = measure_read_bandwidth(dev)
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, read bandwidth {bw:.0f} GB/s")
-    layer = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # wqkv, wo, w1 and w3 as one, w2
-    mats = [q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for _ in range(12) for N, K in layer]
-    xs = {K: torch.randn(1, K, device=dev, dtype=torch.bfloat16) for K in (4096, 11008)}
-    ys = {N: torch.empty(1, N, device=dev, dtype=torch.bfloat16) for N, _ in layer}
-    mean_bytes = sum(c.numel() + 2 * c.shape[0] for c, _ in mats) / len(mats)
+    mats, xs, ys, mean_bytes = chain_weights(dev)
     pct = lambda us: 100 * mean_bytes / us / 1e3 / bw  # noqa: E731
     us = graph_us_per_call([lambda c=c, s=s: q.gemv(xs[c.shape[1]], c, s, pdl=True) for c, s in mats])
     print(f"quantize.gemv (autotuned tiles): {us:.2f} us per call, {pct(us):.1f}%")
     for bn, bk in ((4, 1024), (8, 256)):
         for mode in ("wait", "nowait", "pre2", "l2"):
-            calls = []
-            for i, (c, s) in enumerate(mats):
-                (N, K), nxt = c.shape, mats[(i + 1) % len(mats)][0]
-                grid = (1, triton.cdiv(N, bn))
-                pf_rows = triton.next_power_of_2(triton.cdiv(nxt.shape[0], grid[1]))
-                args = (xs[K], c, s, ys[N], nxt, N, K, nxt.shape[0], nxt.shape[1])
-                meta = dict(BLOCK_N=bn, BLOCK_K=bk, MODE=mode, PF_ROWS=pf_rows, num_warps=4, launch_pdl=True)
-                calls.append(lambda g=grid, a=args, kw=meta: chain_gemv_kernel[g](*a, **kw))
-            us = graph_us_per_call(calls)
+            us = graph_us_per_call(chain_calls(mats, xs, ys, bn, bk, mode))
             print(f"tile {bn} x {bk}, {mode}: {us:.2f} us per call, {pct(us):.1f}%")
 
 

@@ -12,15 +12,14 @@ import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from kernel_bench import graph_us_per_call  # noqa: E402
+from kernel_bench import graph_us_per_call, random_gemv_weights  # noqa: E402
 
 import quantize as q  # noqa: E402
 from generate import measure_read_bandwidth  # noqa: E402
 
 
 def int4(N, K, dev):
-    packed, sz = q.quantize_int4((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16), 32)
-    return q.pack_int4_gemv(packed), sz
+    return random_gemv_weights("int4", N, K, dev)[:2]  # codes, scales and zeros
 
 
 def main():

@@ -17,6 +17,7 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+from chain_bench import chain_calls, chain_weights  # noqa: E402  (beside this file)
 from kernel_bench import graph_us_per_call  # noqa: E402
 
 import quantize as q  # noqa: E402
@@ -102,9 +103,8 @@ def main():
     bw = measure_read_bandwidth(dev)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, {sms} SMs, read bandwidth {bw:.0f} GB/s")
-    layer = [(12288, 4096), (4096, 4096), (22016, 4096), (4096, 11008)]  # wqkv, wo, w1 and w3 as one, w2
-    shapes = [s for _ in range(12) for s in layer]
-    mats = [q.quantize_int8((torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)) for N, K in shapes]
+    mats, xs, ys, mean_bytes = chain_weights(dev)
+    shapes = [tuple(c.shape) for c, _ in mats]
     W = torch.cat([c.flatten() for c, _ in mats])
     S = torch.cat([s.flatten().float() for _, s in mats])
     # buf: x0 then each phase's output; phase p reads the first K of the output before it
@@ -116,8 +116,7 @@ def main():
     meta_t = torch.tensor(meta, dtype=torch.int64, device=dev)
     buf = torch.empty(offs[-1], dtype=torch.bfloat16, device=dev)
     cnt = torch.zeros(1, dtype=torch.int32, device=dev)
-    total_bytes = sum(c.numel() + 2 * c.shape[0] for c, _ in mats)
-    pct = lambda us: 100 * total_bytes / len(mats) / us / 1e3 / bw  # noqa: E731
+    pct = lambda us: 100 * mean_bytes / us / 1e3 / bw  # noqa: E731
 
     def check():
         errs = []
@@ -129,19 +128,9 @@ def main():
         return max(errs)
 
     # one kernel per GEMV: today's autotuned kernel and chain_bench's 4 x 1024 "wait"
-    from chain_bench import chain_gemv_kernel
-
-    xs = {K: torch.randn(1, K, device=dev, dtype=torch.bfloat16) for K in (4096, 11008)}
-    ys = {N: torch.empty(1, N, device=dev, dtype=torch.bfloat16) for N, _ in layer}
     us = graph_us_per_call([lambda c=c, s=s: q.gemv(xs[c.shape[1]], c, s, pdl=True) for c, s in mats])
     print(f"per-GEMV kernels, autotuned: {us:.2f} us per GEMV, {pct(us):.1f}%")
-    calls = []
-    for c, s in mats:
-        N, K = c.shape
-        args = (xs[K], c, s, ys[N], c, N, K, N, K)
-        meta_kw = dict(BLOCK_N=4, BLOCK_K=1024, MODE="wait", PF_ROWS=1, num_warps=4, launch_pdl=True)
-        calls.append(lambda a=args, kw=meta_kw, N=N: chain_gemv_kernel[(1, triton.cdiv(N, 4))](*a, **kw))
-    us = graph_us_per_call(calls)
+    us = graph_us_per_call(chain_calls(mats, xs, ys, 4, 1024, "wait"))
     print(f"per-GEMV kernels, 4 x 1024 wait: {us:.2f} us per GEMV, {pct(us):.1f}%")
 
     configs = []

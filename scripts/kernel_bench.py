@@ -134,6 +134,17 @@ def graph_us_per_call(calls: list) -> float:
     return sorted(times)[10]
 
 
+def random_gemv_weights(kind: str, N: int, K: int, device) -> tuple:
+    """Random [N, K] weights (std 0.02) as quantize.gemv takes them after x: (w, scales, groupsize) for bf16, int8, int4."""
+    w = (torch.randn(N, K, device=device) * 0.02).to(torch.bfloat16)
+    if kind == "int8":
+        return (*q.quantize_int8(w), 0)
+    if kind == "int4":
+        packed, sz = q.quantize_int4(w, 32)
+        return q.pack_int4_gemv(packed), sz, 32
+    return w, None, 0
+
+
 def bench_cold(rows: int, bw: float) -> None:
     """Per kernel family, K = 4096 and N from 4096 to 32000: us per call on weights not in L2 (each call of the graph
     reads its own copy, 600 MB in all), PDL launches, and the least-squares fit t = a + bytes / B."""
@@ -147,14 +158,7 @@ def bench_cold(rows: int, bw: float) -> None:
             x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
             calls = []
             for _ in range(max(4, int(600e6 // nbytes))):
-                w = (torch.randn(N, K, device=dev) * 0.02).to(torch.bfloat16)
-                if kind == "int8":
-                    args = (*q.quantize_int8(w), 0)
-                elif kind == "int4":
-                    packed, sz = q.quantize_int4(w, 32)
-                    args = (q.pack_int4_gemv(packed), sz, 32)
-                else:
-                    args = (w, None, 0)
+                args = random_gemv_weights(kind, N, K, dev)
                 calls.append(lambda x=x, args=args: q.gemv(x, *args, pdl=True))
             us = graph_us_per_call(calls)
             points.append((nbytes, us))
