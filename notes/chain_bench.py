@@ -18,7 +18,7 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from kernel_bench import graph_us_per_call, random_gemv_weights  # noqa: E402
+from kernel_bench import gemv_bytes, graph_us_per_call, random_gemv_weights  # noqa: E402
 
 import quantize as q  # noqa: E402
 from generate import measure_read_bandwidth  # noqa: E402
@@ -80,7 +80,7 @@ def chain_weights(dev) -> tuple[list, dict, dict, float]:
     mats = [random_gemv_weights("int8", N, K, dev)[:2] for _ in range(12) for N, K in LAYER]
     xs = {K: torch.randn(1, K, device=dev, dtype=torch.bfloat16) for K in (4096, 11008)}
     ys = {N: torch.empty(1, N, device=dev, dtype=torch.bfloat16) for N, _ in LAYER}
-    return mats, xs, ys, sum(c.numel() + 2 * c.shape[0] for c, _ in mats) / len(mats)
+    return mats, xs, ys, sum(gemv_bytes(c, s) for c, s in mats) / len(mats)
 
 
 def chain_calls(mats, xs, ys, bn: int, bk: int, mode: str) -> list:

@@ -12,7 +12,7 @@ import triton
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
-from kernel_bench import graph_us_per_call, random_gemv_weights  # noqa: E402
+from kernel_bench import gemv_bytes, graph_us_per_call, random_gemv_weights  # noqa: E402
 
 import quantize as q  # noqa: E402
 from generate import measure_read_bandwidth  # noqa: E402
@@ -33,12 +33,11 @@ def main():
         wqkv, wo, w1, w3, w2 = int4(12288, 4096, dev), int4(4096, 4096, dev), int4(11008, 4096, dev), int4(11008, 4096, dev), int4(4096, 11008, dev)
         w13 = (torch.cat([w1[0], w3[0]]), torch.cat([w1[1], w3[1]], 1))
         layers.append({"wqkv": (x4, wqkv, {}), "wo": (x4, wo, {"residual": r}), "w13": (x4, w13, {"gated": True}), "w2": (x11, w2, {"residual": r})})
-    nbytes = lambda w: w[0].numel() * 4 + w[1].numel() * 2  # noqa: E731
     configs = [None] + [dict(BLOCK_N=4, BLOCK_C=32 * w, num_warps=w) for w in (1, 2, 4, 8)]
     for name in ("chain", "wqkv", "wo", "w13", "w2"):
         names = ("wqkv", "wo", "w13", "w2") if name == "chain" else (name,)
         calls_in = [layer[n] for layer in layers for n in names]
-        total = sum(nbytes(w) for _, w, _ in calls_in)
+        total = sum(gemv_bytes(*w) for _, w, _ in calls_in)
         cells = []
         for cfg in configs:
             calls = [lambda x=x, w=w, kw=kw, cfg=cfg: q.gemv(x, w[0], w[1], 32, pdl=True, **kw, **(cfg or {})) for x, w, kw in calls_in]

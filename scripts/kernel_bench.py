@@ -145,6 +145,11 @@ def random_gemv_weights(kind: str, N: int, K: int, device) -> tuple:
     return w, None, 0
 
 
+def gemv_bytes(*tensors) -> int:
+    """Bytes a GEMV reads from its weight tensors (None for absent scales)."""
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
 def bench_cold(rows: int, bw: float) -> None:
     """Per kernel family, K = 4096 and N from 4096 to 32000: us per call on weights not in L2 (each call of the graph
     reads its own copy, 600 MB in all), PDL launches, and the least-squares fit t = a + bytes / B."""
@@ -154,16 +159,15 @@ def bench_cold(rows: int, bw: float) -> None:
         points = []
         for N in (4096, 8192, 11008, 12288, 22016, 32000):
             K = 4096
-            nbytes = {"bf16": 2 * N * K, "int8": N * K + 2 * N, "int4": N * K // 2 + N * K // 8}[kind]  # int4: + bf16 (scale, zero) per 32
             x = torch.randn(rows, K, device=dev, dtype=torch.bfloat16)
-            calls = []
-            for _ in range(max(4, int(600e6 // nbytes))):
-                args = random_gemv_weights(kind, N, K, dev)
-                calls.append(lambda x=x, args=args: q.gemv(x, *args, pdl=True))
+            weights = [random_gemv_weights(kind, N, K, dev)]
+            nbytes = gemv_bytes(*weights[0][:2])
+            weights += [random_gemv_weights(kind, N, K, dev) for _ in range(max(4, int(600e6 // nbytes)) - 1)]
+            calls = [lambda x=x, args=args: q.gemv(x, *args, pdl=True) for args in weights]
             us = graph_us_per_call(calls)
             points.append((nbytes, us))
             print(f"| {kind} | {N}x{K} | {us:.2f} | {100 * nbytes / us / 1e3 / bw:.1f}% |")
-            del calls
+            del calls, weights
             torch.cuda.empty_cache()
         b, t = torch.tensor(points, dtype=torch.float64).unbind(1)
         slope = float(((b - b.mean()) * (t - t.mean())).sum() / ((b - b.mean()) ** 2).sum())
