@@ -262,54 +262,11 @@ def _now(device: torch.device) -> float:
 # ---------------------------------------------------------------- loading
 
 
-def load_checkpoint(checkpoint_path) -> dict:
-    """A state dict, read memory-mapped and without running code (weights_only)."""
-    try:
-        return torch.load(str(checkpoint_path), mmap=True, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise
-    except Exception as e:  # torch raises many kinds for a bad zip, pickle or storage
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ValueError(f"cannot read checkpoint {checkpoint_path} (corrupt, truncated or not a state dict?): {reason}") from None
-
-
-def check_state_dict(model: torch.nn.Module, state_dict: dict, config_name: str = "") -> None:
-    """One-line ValueError when the checkpoint's keys or shapes do not fit the model's config."""
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items() if k in state_dict and state_dict[k].shape != s]
-    if missing or unexpected or wrong:
-        parts = [
-            f"{name}: {items[:3]}{' ...' if len(items) > 3 else ''}"
-            for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
-            if items
-        ]
-        raise ValueError(f"checkpoint does not match the model config{config_name}: " + "; ".join(parts))
-
-
 def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool = False, kernels: str = "auto", pdl: bool = False) -> Transformer:
-    """Build the model from a checkpoint's config, load (and, if quantized, swap in) its weights."""
+    """The model of a checkpoint (bf16, int8 or int4, read from its tensors), placed on the device with its kernels."""
     import quantize
 
-    checkpoint_path = Path(checkpoint_path)
-    if not checkpoint_path.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
-    args = ModelArgs.from_checkpoint(checkpoint_path)
-    state_dict = load_checkpoint(checkpoint_path)
-    if not isinstance(state_dict, dict):
-        raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict")
-    state_dict = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
-    if args.tie_embeddings and "output.weight" not in state_dict and "tok_embeddings.weight" in state_dict:
-        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
-    with torch.device("meta"):
-        model = Transformer(args)
-    quantize.convert_for_checkpoint(model, state_dict)
-    check_state_dict(model, state_dict, f" ({checkpoint_path.parent / 'config'})")
-    model.load_state_dict(state_dict, assign=True)
-    if args.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return place(model, device, precision, use_tp, kernels, pdl)
+    return place(quantize.load_checkpoint_model(checkpoint_path), device, precision, use_tp, kernels, pdl)
 
 
 def place(model: Transformer, device, precision, use_tp: bool, kernels: str = "auto", pdl: bool = False) -> Transformer:
@@ -703,30 +660,34 @@ def main(argv=None):
     sys.exit(code)
 
 
-def run(args, rank):
+def setup(args, rank: Optional[int] = None):
+    """The device, the models and the step functions the flags ask for (run() and the tests share it)."""
     use_tp = rank is not None
-    if use_tp and rank != 0:
-        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     device = torch.device(f"cuda:{rank}" if use_tp and args.device == "cuda" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
     precision = resolve_precision(args.precision, device)
-    torch.manual_seed(args.seed)
-
     pdl = use_pdl(device, use_tp)
     t0 = time.perf_counter()
     model, draft = load_models(args, device, precision, use_tp, pdl)
     print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
+    steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
+    for m in (model, draft) if draft is not None else (model,):
+        m.compile_layer_once = args.compile_layer_once
+    if (args.compile or args.compile_prefill) and args.compile_cache is not None and args.compile_cache.is_file():
+        torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
+    return device, model, draft, steps
+
+
+def run(args, rank):
+    if rank is not None and rank != 0:
+        sys.stdout = open(os.devnull, "w")  # only rank 0 prints
+    torch.manual_seed(args.seed)
+    device, model, draft, steps = setup(args, rank)
     tokenizer = load_tokenizer(args, model.config.vocab_size)
     prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
     check_fits(args, model, prompt.numel(), device)
-    steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
-    model.compile_layer_once = args.compile_layer_once
-    if draft is not None:
-        draft.compile_layer_once = args.compile_layer_once
     compiling = args.compile or args.compile_prefill
-    if compiling and args.compile_cache is not None and args.compile_cache.is_file():
-        torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
 
@@ -764,7 +725,9 @@ def save_compile_cache(path: Optional[Path]) -> None:
         return
     artifacts = torch.compiler.save_cache_artifacts()  # None when nothing was compiled
     if artifacts is not None:
-        path.write_bytes(artifacts[0])
+        from quantize import save_atomic
+
+        save_atomic(artifacts[0], path, lambda data, f: f.write(data))
 
 
 def summarize(rows, bytes_per_token, bandwidth):

@@ -11,16 +11,18 @@ which inductor reads slowly); larger inputs use a dequantize-matmul (or F.linear
 """
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import Attention, ConditionalFeedForward, FeedForward, Transformer, TransformerBlock
+from model import Attention, ConditionalFeedForward, FeedForward, ModelArgs, Transformer, TransformerBlock
 
 GROUPSIZES = (32, 64, 128, 256)
 GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
@@ -38,7 +40,7 @@ except ImportError:  # CPU-only installs
 
 def quantize_int8(w: Tensor) -> tuple[Tensor, Tensor]:
     """Symmetric per-output-channel: w [N, K] -> (int8 [N, K], scales [N]), error <= scale / 2."""
-    scales = w.float().abs().amax(dim=-1).clamp(min=1e-8) / 127.0
+    scales = w.float().abs().amax(dim=-1).clamp(min=1e-8) * (1 / 127)  # CUDA divides by a scalar this way: same bits
     q = torch.clamp(torch.round(w.float() / scales[..., None]), -127, 127).to(torch.int8)
     return q, scales.to(w.dtype)
 
@@ -47,7 +49,7 @@ def int4_group_params(w: Tensor, groupsize: int) -> tuple[Tensor, Tensor]:
     """Asymmetric per-group scale and zero of w [N, K] -> ([N, K/g], [N, K/g]) such that w ~ (q - 8) * s + z."""
     wg = w.float().reshape(w.shape[0], -1, groupsize)
     lo, hi = wg.amin(dim=-1), wg.amax(dim=-1)
-    scales = (hi - lo).clamp(min=1e-6) / 15
+    scales = (hi - lo).clamp(min=1e-6) * (1 / 15)  # as CUDA divides by a scalar: the same bits on every device
     return scales, lo + 8 * scales
 
 
@@ -734,6 +736,95 @@ def fusable(block: TransformerBlock) -> bool:
     return isinstance(ff, GatedFeedForward) and all(gemv_ready(lin) for lin in (attn.wqkv, attn.wo, ff.w2))
 
 
+# ---------------------------------------------------------------- checkpoint files
+
+
+def load_checkpoint(checkpoint_path) -> dict:
+    """A state dict, read memory-mapped and without running code (weights_only)."""
+    try:
+        return torch.load(str(checkpoint_path), mmap=True, weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # torch raises many kinds for a bad zip, pickle or storage
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"cannot read checkpoint {checkpoint_path} (corrupt, truncated or not a state dict?): {reason}") from None
+
+
+def check_state_dict(model: nn.Module, state_dict: dict, config_name: str = "") -> None:
+    """One-line ValueError when the checkpoint's keys or shapes do not fit the model's config."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(s)}" for k, s in expected.items() if k in state_dict and state_dict[k].shape != s]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{name}: {items[:3]}{' ...' if len(items) > 3 else ''}"
+            for name, items in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
+            if items
+        ]
+        raise ValueError(f"checkpoint does not match the model config{config_name}: " + "; ".join(parts))
+
+
+def read_state_dict(checkpoint_path: Path) -> dict:
+    """The checkpoint's tensors, memory-mapped, with torch.compile's key prefix removed."""
+    checkpoint_path = Path(checkpoint_path)
+    if checkpoint_path.is_dir():
+        raise FileNotFoundError(f"{checkpoint_path} is a folder: pass the model file in it, e.g. {checkpoint_path / 'model.pth'}")
+    if not checkpoint_path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {checkpoint_path}")
+    state_dict = load_checkpoint(checkpoint_path)
+    if not isinstance(state_dict, dict):
+        raise ValueError(f"{checkpoint_path} holds a {type(state_dict).__name__}, not a state dict")
+    return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
+
+
+def quantized_format(state_dict: dict) -> Optional[str]:
+    """ "int8" or "int4" when the state dict holds quantized weights (by content, as convert_for_checkpoint reads them)."""
+    if any(k.endswith(".scales_and_zeros") for k in state_dict):
+        return "int4"
+    if any(isinstance(v, Tensor) and v.dtype == torch.int8 for v in state_dict.values()):
+        return "int8"
+    return None
+
+
+def load_checkpoint_model(checkpoint_path) -> Transformer:
+    """The plain model of a checkpoint, its config beside it, weights on the CPU (memory-mapped) in the checkpoint's
+    dtype; quantized layers wherever the tensors are quantized. No kernels, no device: generate.place does that."""
+    checkpoint_path = Path(checkpoint_path)
+    state_dict = read_state_dict(checkpoint_path)
+    args = ModelArgs.from_checkpoint(checkpoint_path)
+    tied = args.tie_embeddings and "output.weight" not in state_dict  # a quantized output layer has its own weights
+    if tied and "tok_embeddings.weight" in state_dict:
+        state_dict["output.weight"] = state_dict["tok_embeddings.weight"]
+    with torch.device("meta"):
+        model = Transformer(args)
+    convert_for_checkpoint(model, state_dict)
+    check_state_dict(model, state_dict, f" ({checkpoint_path.parent / 'config'})")
+    model.load_state_dict(state_dict, assign=True)
+    if tied:
+        model.output.weight = model.tok_embeddings.weight
+    return model.eval()
+
+
+def save_atomic(obj, path: Path, save: Optional[Callable] = None) -> None:
+    """save(obj, file) into a temporary file beside path, renamed onto path only once complete: an interrupted or
+    failed write leaves path as it was."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            (save or torch.save)(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's file is private; the output gets a new file's usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 # ---------------------------------------------------------------- GPTQ
 
 
@@ -832,6 +923,36 @@ def output_path(checkpoint_path: Path, mode: str, groupsize: int) -> Path:
     return checkpoint_path.parent / name
 
 
+def unquantized_weights(state_dict: dict, mode: str, groupsize: int) -> list[str]:
+    """Float matmul weights that mode should have quantized: every one but the embedding, except, for int4, those
+    whose width int4_fits refuses and Mixtral's experts (int4 covers linear layers only)."""
+    left = []
+    for k, v in state_dict.items():
+        if not v.is_floating_point() or v.dim() < 2 or k == "tok_embeddings.weight":
+            continue
+        if mode != "int8" and (v.dim() == 3 or not int4_fits(v.shape[-1], groupsize)):
+            continue
+        left.append(k)
+    return left
+
+
+def quantize_checkpoint(checkpoint_path: Path, out: Path, mode: str, groupsize: int, device, gptq_inputs=None) -> None:
+    """Quantize a float checkpoint on device and write it to out. The weights keep the checkpoint's dtype until the
+    quantizers, which work in float32: the same codes on every device."""
+    fmt = quantized_format(read_state_dict(checkpoint_path))
+    if fmt is not None:
+        raise ValueError(f"{checkpoint_path} is already quantized ({fmt}): start from the float model.pth")
+    if Path(out).resolve() == Path(checkpoint_path).resolve():
+        raise ValueError(f"the output {out} would overwrite the input: start from the float model.pth")
+    model = load_checkpoint_model(checkpoint_path)
+    quantize_model(model.to(device), mode, groupsize, gptq_inputs=gptq_inputs)
+    state_dict = {k: (v.to(torch.bfloat16) if v.is_floating_point() else v).cpu() for k, v in model.state_dict().items()}
+    left = unquantized_weights(state_dict, mode, groupsize)
+    if left:  # a model with kernels swapped in hides its linear layers from the quantizer
+        raise ValueError(f"{len(left)} weights were not quantized to {mode} ({left[0]}, ...): nothing written")
+    save_atomic(state_dict, out)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Quantize a model.pth to int8 or int4 weights.")
     p.add_argument("--checkpoint_path", type=Path, default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"), help="the bf16 model.pth to quantize")
@@ -844,24 +965,22 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.mode == "int4-gptq" and (args.calibration_file is None or not args.calibration_file.is_file()):
         raise SystemExit(f"error: int4-gptq needs --calibration_file pointing to a local text file (got {args.calibration_file})")
-    from generate import load_model
+    if args.mode != "int8" and args.groupsize not in GROUPSIZES:
+        raise SystemExit(f"error: --groupsize {args.groupsize} is not one of {GROUPSIZES}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
+    out = output_path(args.checkpoint_path, args.mode, args.groupsize)
     from tokenizer import get_tokenizer
 
     t0 = time.time()
     try:
-        model = load_model(args.checkpoint_path, args.device, torch.bfloat16 if args.device != "cpu" else torch.float32)
-        if any(isinstance(m, (WeightOnlyInt8Linear, WeightOnlyInt4Linear, ConditionalFeedForwardInt8)) for m in model.modules()):
-            raise ValueError(f"{args.checkpoint_path} is already quantized: start from the bf16 model.pth")
         inputs = None
         if args.mode == "int4-gptq":
             tok = get_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
             inputs = calibration_tokens(args.calibration_file, tok, args.calibration_samples, args.calibration_seq_len).to(args.device)
-        quantize_model(model, args.mode, args.groupsize, gptq_inputs=inputs)
+        quantize_checkpoint(args.checkpoint_path, out, args.mode, args.groupsize, args.device, inputs)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
-    out = output_path(args.checkpoint_path, args.mode, args.groupsize)
-    state_dict = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
-    torch.save({k: v.cpu() for k, v in state_dict.items()}, out)
     print(f"Wrote {out} in {time.time() - t0:.1f} s ({out.stat().st_size / 1e9:.2f} GB)")
 
 

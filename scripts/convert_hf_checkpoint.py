@@ -18,6 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, Transformer  # noqa: E402
+from quantize import save_atomic  # noqa: E402
 
 TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
 LAYER_KEYS = {
@@ -126,7 +127,7 @@ def copy_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:
         src = checkpoint_dir / candidate
         if src.is_file():
             if src.resolve() != (out_dir / "tokenizer.model").resolve():
-                shutil.copy(src, out_dir / "tokenizer.model")
+                shutil.copyfile(src, out_dir / "tokenizer.model")  # the data, not a read-only mode
             return
     print(f"note: no tokenizer.model in {checkpoint_dir}; pass --tokenizer_path to generate.py")
 
@@ -146,8 +147,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, o
     state_dict = convert_state_dict((kv for f in files for kv in iter_tensors(f)), args)
     check_complete(state_dict, args)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(state_dict, out_dir / "model.pth")
-    (out_dir / "model_config.json").write_text(json.dumps(asdict(args), indent=2) + "\n")
+    save_atomic(state_dict, out_dir / "model.pth")
+    config = (json.dumps(asdict(args), indent=2) + "\n").encode()
+    save_atomic(config, out_dir / "model_config.json", lambda data, f: f.write(data))
     copy_tokenizer(checkpoint_dir, out_dir)
     return out_dir / "model.pth"
 

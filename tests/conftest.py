@@ -15,14 +15,29 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from model import ModelArgs, Transformer  # noqa: E402
 
 TOKENIZER = ROOT.parent / "shared" / "tokenizer.model"
+STORIES = ROOT / "models" / "stories260K"  # the demo model: real trained weights, shipped with the project
+STORY = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. One day, she saw "
+    "a big, red ball. She wanted to play with it, but it was too high."
+)  # its greedy text from "Once upon a time" in llama2.c's run.c and in transformers
 
 
 @pytest.fixture(scope="session")
 def llama2_tokenizer_path() -> Path:
-    """The real Llama 2 SentencePiece model, kept beside the checkout (never copied into it)."""
+    """The real Llama 2 SentencePiece model, kept beside the checkout (never copied into it: Meta's licence)."""
     if not TOKENIZER.is_file():
-        pytest.fail(f"test asset missing: {TOKENIZER}")
+        pytest.skip(f"needs the Llama 2 tokenizer at {TOKENIZER}, which is not distributed with this project")
     return TOKENIZER
+
+
+@pytest.fixture
+def stories(tmp_path) -> Path:
+    """A private copy of the demo model's folder (tests write quantized files beside it); returns its model.pth."""
+    folder = tmp_path / "stories260K"
+    folder.mkdir()
+    for f in STORIES.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    return folder / "model.pth"
 
 
 def tiny_args(**overrides) -> ModelArgs:

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import quantize as q
+from generate import generate as gen
 from generate import load_model
 from model import FeedForward, TransformerBlock
 
@@ -453,3 +454,91 @@ def test_old_device_packed_int4_checkpoint_is_a_clear_error(model_pair, tmp_path
     torch.save(sd, tmp_path / "model.pth")
     with pytest.raises(ValueError, match="re-run quantize.py on model.pth"):
         load_model(tmp_path / "model.pth", "cpu", torch.float32)
+
+
+# ---------------------------------------------------------------- no command destroys a file
+
+
+def file_bytes(path):
+    return path.read_bytes() if path.exists() else None
+
+
+def test_a_float_file_under_the_output_name_is_refused_not_overwritten(model_pair, tmp_path):
+    """quantize.py --mode int8 on a float model_int8.pth would write its output onto its own memory-mapped input."""
+    args, model = model_pair
+    path = save_checkpoint(model, tmp_path, "model_int8.pth")
+    before = path.read_bytes()
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        q.main(["--checkpoint_path", str(path), "--mode", "int8", "--device", "cpu"])
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_quantized_input_is_refused_up_front(model_pair, tmp_path, mode):
+    args, model = model_pair
+    path = save_checkpoint(model, tmp_path)
+    q.main(["--checkpoint_path", str(path), "--mode", "int8", "--device", "cpu"])
+    int8 = tmp_path / "model_int8.pth"
+    before = int8.read_bytes()
+    with pytest.raises(SystemExit, match="is already quantized"):
+        q.main(["--checkpoint_path", str(int8), "--mode", mode, "--groupsize", "32", "--device", "cpu"])
+    assert int8.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model_config.json", "model_int8.pth"]
+
+
+def test_an_interrupted_write_leaves_the_old_file_and_no_temporary(model_pair, tmp_path, monkeypatch):
+    args, model = model_pair
+    path = save_checkpoint(model, tmp_path)
+    q.main(["--checkpoint_path", str(path), "--mode", "int8", "--device", "cpu"])
+    out = tmp_path / "model_int8.pth"
+    before = out.read_bytes()
+
+    def save_half_then_stop(obj, f):
+        f.write(before[: len(before) // 2])
+        raise KeyboardInterrupt  # Ctrl-C, or a full disk, halfway through the write
+
+    monkeypatch.setattr(torch, "save", save_half_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        q.main(["--checkpoint_path", str(path), "--mode", "int8", "--device", "cpu"])
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pth", "model_config.json", "model_int8.pth"]
+
+
+def test_weights_the_quantizer_did_not_see_stop_the_save(model_pair, tmp_path, monkeypatch):
+    """On CUDA the GEMV kernels' layers replace nn.Linear; a model with them swapped in must not be saved as int8."""
+    args, model = model_pair
+    path = save_checkpoint(model, tmp_path)
+    load = q.load_checkpoint_model
+
+    def load_with_kernel_layers(p):
+        m = load(p)
+        q.use_triton_kernels(m, "gemv", pdl=False)  # wo, w2 and output become FloatGemvLinear
+        return m
+
+    monkeypatch.setattr(q, "load_checkpoint_model", load_with_kernel_layers)
+    with pytest.raises(SystemExit, match="weights were not quantized to int8"):
+        q.main(["--checkpoint_path", str(path), "--mode", "int8", "--device", "cpu"])
+    assert not (tmp_path / "model_int8.pth").exists()
+
+
+def test_a_folder_as_checkpoint_path_names_the_file_to_pass(tmp_path):
+    with pytest.raises(SystemExit, match="is a folder: pass the model file in it"):
+        q.main(["--checkpoint_path", str(tmp_path), "--mode", "int8", "--device", "cpu"])
+
+
+def test_the_demo_model_quantized_keeps_its_story(stories):
+    """stories260K ties its output layer to the embedding; quantized, the output layer has weights of its own, which
+    loading must not replace with the float embedding."""
+    from conftest import STORY
+
+    from tokenizer import get_tokenizer
+
+    tok = get_tokenizer(stories.parent / "tokenizer.model")
+    prompt = torch.tensor(tok.encode("Once upon a time"), dtype=torch.int)
+    for mode in ("int8", "int4"):
+        q.main(["--checkpoint_path", str(stories), "--mode", mode, "--device", "cpu"])
+        model = load_model(q.output_path(stories, mode, 32), "cpu", torch.float32)
+        assert model.output.weight is not model.tok_embeddings.weight
+        y, _ = gen(model, prompt, 40, temperature=0)
+        text = tok.decode(y[0].tolist())
+        assert text.startswith(STORY[:60]) if mode == "int8" else text.startswith("Once upon a time, there was a")

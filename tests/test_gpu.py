@@ -1,0 +1,173 @@
+"""What only a GPU can show: the CUDA kernels, the compiled defaults and the command-line tools on CUDA, each
+against the CPU or the plain eager model. Run with `python -m pytest -m gpu` on a machine with a CUDA GPU."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, STORY, rel_err
+
+import generate
+import quantize as q
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+PROMPT = "Once upon a time"
+
+
+def cli(*args: str, timeout: int = 600) -> str:
+    """Run one of the project's scripts as a user would; its stdout, or the failure with stderr."""
+    p = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, f"{' '.join(args)}\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}"
+    return p.stdout
+
+
+def greedy_text(checkpoint, device: str, *flags: str, new_tokens: int = 60) -> str:
+    out = cli("generate.py", "--checkpoint_path", str(checkpoint), "--device", device, "--prompt", PROMPT, "--temperature", "0",
+              "--num_samples", "1", "--max_new_tokens", str(new_tokens), *flags)  # fmt: skip
+    return out[out.index(PROMPT) : out.index("\nSample 0:")]  # the text, between the start-up lines and the figures
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles its own models: compiled step functions share one code object, whose recompilations
+    (one per model dtype and shape) would otherwise add up across tests to dynamo's limit."""
+    torch._dynamo.reset()
+
+
+def setup(checkpoint, *flags: str):
+    """(model, draft, step functions) exactly as generate.py sets them up for these flags, on CUDA."""
+    args = generate.parse_args(["--checkpoint_path", str(checkpoint), "--device", "cuda", *flags])
+    _, model, draft, steps = generate.setup(args)
+    return model, draft, steps
+
+
+def story_ids(tokenizer_path) -> torch.Tensor:
+    from tokenizer import get_tokenizer
+
+    return torch.tensor(get_tokenizer(tokenizer_path).encode(STORY), dtype=torch.int, device="cuda")
+
+
+# ---------------------------------------------------------------- quantize.py, then generate.py
+
+
+def quantize_on(stories, device: str, mode: str, calibration=None) -> dict:
+    folder = stories.parent / device
+    folder.mkdir()
+    for f in stories.parent.iterdir():
+        if f.is_file():
+            (folder / f.name).write_bytes(f.read_bytes())
+    extra = ["--calibration_file", str(calibration), "--calibration_seq_len", "128", "--calibration_samples", "8"] if calibration else []
+    cli("quantize.py", "--checkpoint_path", str(folder / "model.pth"), "--mode", mode, "--groupsize", "32", "--device", device, *extra)
+    out = q.output_path(folder / "model.pth", mode, 32)
+    return out, torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-gptq"])
+def test_quantize_on_cuda_equals_the_cpu_and_generates(stories, tmp_path, mode):
+    """The same file on either device: int8 identical, int4 round-to-nearest identical codes and scales, GPTQ (its
+    Cholesky factors differ in the last bits between devices) at least 95% identical codes. Then generate.py on
+    CUDA (our kernels, eager) gives the CPU's greedy text for the file (float32 on both)."""
+    calibration = None
+    if mode == "int4-gptq":
+        calibration = tmp_path / "calibration.txt"
+        calibration.write_text((STORY + "\n") * 30)
+    cuda_path, on_cuda = quantize_on(stories, "cuda", mode, calibration)
+    _, on_cpu = quantize_on(stories, "cpu", mode, calibration)
+    assert on_cuda.keys() == on_cpu.keys()
+    assert q.unquantized_weights(on_cuda, mode, 32) == []
+    codes = [k for k, v in on_cuda.items() if not v.is_floating_point()]
+    assert codes and all(on_cuda[k].dtype == (torch.int8 if mode == "int8" else torch.uint8) for k in codes)
+    if mode == "int4-gptq":
+        same = sum(int((q.unpack_int4(on_cuda[k]) == q.unpack_int4(on_cpu[k])).sum()) for k in codes)
+        assert same / sum(on_cuda[k].numel() * 2 for k in codes) > 0.95
+    else:
+        for k in on_cuda:
+            assert torch.equal(on_cuda[k], on_cpu[k]), k
+    cuda_text = greedy_text(cuda_path, "cuda", "--precision", "fp32")
+    assert cuda_text == greedy_text(cuda_path, "cpu")
+    assert cuda_text.startswith(PROMPT) and len(cuda_text) > 150
+
+
+# ---------------------------------------------------------------- the compiled defaults against eager
+
+
+def test_compiled_decode_and_prefill_in_float32_give_the_reference_story():
+    flags = ["--compile", "--compile_prefill", "--precision", "fp32"]
+    assert greedy_text(ROOT / "models/stories260K/model.pth", "cuda", *flags, new_tokens=64).startswith(STORY)
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+@torch.no_grad()
+def test_compiled_default_decode_steps_match_eager_teacher_forced(stories, mode):
+    """Every decode step of the compiled default (our GEMVs, fused blocks, the attention kernel, PDL, one compiled
+    layer) against the plain eager model (kernels torch, no attention kernel) on the same bf16 weights, teacher-forced
+    along the reference story: next-token distributions within 2% (bf16 rounding), the same argmax nearly always."""
+    path = stories
+    if mode != "bf16":
+        cli("quantize.py", "--checkpoint_path", str(stories), "--mode", mode, "--device", "cuda")
+        path = q.output_path(stories, mode, 32)
+    ids = story_ids(stories.parent / "tokenizer.model")
+    sampling = dict(temperature=1.0, top_k=None)
+    probs = {}
+    for name, flags in (("compiled", ["--compile"]), ("eager", ["--kernels", "torch", "--no-attention_kernel"])):
+        model, _, steps = setup(path, *flags)
+        model.setup_caches(1, len(ids) + 1)
+        steps["prefill_fn"](model, ids[None, :4], torch.arange(4, device="cuda"), **sampling)
+        rows = []
+        for i in range(4, len(ids)):
+            _, p = steps["decode_fn"](model, ids[None, i : i + 1], torch.tensor([i], device="cuda"), **sampling)
+            rows.append(p.clone())
+        probs[name] = torch.cat(rows)
+    assert rel_err(probs["compiled"], probs["eager"]) < 2e-2
+    assert (probs["compiled"].argmax(-1) == probs["eager"].argmax(-1)).float().mean() > 0.95
+
+
+# ---------------------------------------------------------------- batches and speculative decoding
+
+
+@pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
+def test_every_row_of_a_batch_equals_its_batch_1_result(stories, mode):
+    path = stories
+    if mode != "bf16":
+        cli("quantize.py", "--checkpoint_path", str(stories), "--mode", mode, "--device", "cuda")
+        path = q.output_path(stories, mode, 32)
+    model, _, steps = setup(path, "--compile")
+    prompt = story_ids(stories.parent / "tokenizer.model")[:5]
+    rows = {}
+    for batch in (1, 2, 8):
+        model.max_seq_length = -1  # fresh caches
+        y, _ = generate.generate(model, prompt, 40, batch_size=batch, temperature=0, **steps)
+        rows[batch] = y
+    for batch in (2, 8):
+        assert torch.equal(rows[batch], rows[1].expand(batch, -1)), batch
+
+
+@pytest.mark.parametrize("method", ["draft", "ngram"])
+def test_greedy_speculative_decoding_equals_plain_greedy(stories, method):
+    """float32, so that the verify step's wider matmuls cannot flip a near-tie that plain decoding resolves."""
+    cli("quantize.py", "--checkpoint_path", str(stories), "--mode", "int8", "--device", "cuda")
+    flags = ["--compile", "--precision", "fp32", "--speculate", method, "--speculate_k", "4"]
+    if method == "draft":
+        flags += ["--draft_checkpoint_path", str(q.output_path(stories, "int8", 32))]
+    model, draft, steps = setup(stories, *flags)
+    prompt = story_ids(stories.parent / "tokenizer.model")[:5]
+    plain, _ = generate.generate(model, prompt, 80, temperature=0, **steps)
+    model.max_seq_length = -1
+    spec, stats = generate.generate(model, prompt, 80, draft_model=draft, speculate=method, speculate_k=4, temperature=0, **steps)
+    assert torch.equal(spec, plain)
+    assert sum(stats["accept_counts"][1:]) > 0  # some proposals were accepted: the verify path ran
+
+
+# ---------------------------------------------------------------- eval.py and the compiled prefill
+
+
+def test_eval_perplexity_on_cuda_equals_the_cpu(tmp_path):
+    text = tmp_path / "story.txt"
+    text.write_text((STORY + "\n") * 20)
+    ppl = {}
+    for device in ("cuda", "cpu"):
+        out = cli("eval.py", "--checkpoint_path", str(ROOT / "models/stories260K/model.pth"), "--text_file", str(text),
+                  "--device", device, "--seq_len", "256", "--stride", "128")  # fmt: skip
+        ppl[device] = float(out.split("perplexity")[1].split()[0].strip(":= "))
+    assert abs(ppl["cuda"] / ppl["cpu"] - 1) < 1e-2, ppl  # bf16 on CUDA, float32 on the CPU
