@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent
 PATTERNS = {
     "tok_s": r"Average decode tokens/s: ([\d.]+)",
@@ -23,6 +25,44 @@ PATTERNS = {
     "load_s": r"Loaded model in ([\d.]+) s",
     "mean_accepted": r"mean ([\d.]+) tokens per target forward",
 }
+
+
+def weight_bytes_per_token(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step reads at batch 1: every tensor once, but only one row of an untied
+    embedding and, in a mixture of experts, only the activated experts (top-k of E)."""
+    per_storage, cfg = {}, model.config  # tied or fused weights (views of one storage) count once
+    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if name.endswith(("kv_cache.kv", "freqs_cis", "causal_mask")):
+            continue
+        share = cfg.num_activated_experts / cfg.num_experts if ".cond_ffn." in name else 1.0
+        key = t.untyped_storage().data_ptr()
+        per_storage[key] = max(per_storage.get(key, 0), int(t.numel() * t.element_size() * share))
+    total = sum(per_storage.values())
+    emb = model.tok_embeddings.weight
+    if model.output.weight.data_ptr() != emb.data_ptr():
+        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
+    return total
+
+
+@torch.no_grad()
+def measure_read_bandwidth(device, gib: float = 4.0, iters: int = 20) -> float:
+    """The card's read bandwidth in GB/s: median time of a full-tensor sum over `gib` GiB (reads only)."""
+    if device.type != "cuda":
+        return float("nan")
+    x = torch.randn(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)  # random data: zeros can run faster
+    times = []
+    for i in range(iters + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum(dtype=torch.float32)
+        end.record()
+        torch.cuda.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    nbytes = x.numel() * x.element_size()
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / sorted(times)[len(times) // 2] / 1e9
 
 
 def parse(out: str) -> dict:
@@ -37,7 +77,9 @@ def parse(out: str) -> dict:
 
 def settings(a) -> list[dict]:
     rows = []
-    for precision, compile_, spec, batch, prompt in itertools.product(a.precisions, a.compile, a.speculate, a.batch_sizes, a.prompt_lengths):
+    for precision, compile_, spec, batch, prompt in itertools.product(
+        a.precisions, a.compile, a.speculate, a.batch_sizes, a.prompt_lengths
+    ):
         if spec != "none" and batch != 1:
             continue  # speculative decoding runs at batch 1
         rows.append(dict(precision=precision, compile=compile_, speculate=spec, batch_size=batch, prompt_len=prompt))
@@ -45,14 +87,31 @@ def settings(a) -> list[dict]:
 
 
 def command(a, s: dict) -> list[str]:
-    cmd = [sys.executable, str(ROOT / "generate.py"), "--prompt", str(s["prompt_len"]), "--max_new_tokens", str(a.max_new_tokens)]
-    cmd += ["--num_samples", str(a.num_samples), "--batch_size", str(s["batch_size"]), "--device", a.device, "--ignore_eos"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        "--prompt",
+        str(s["prompt_len"]),
+        "--max_new_tokens",
+        str(a.max_new_tokens),
+    ]
+    cmd += [
+        "--num_samples",
+        str(a.num_samples),
+        "--batch_size",
+        str(s["batch_size"]),
+        "--device",
+        a.device,
+        "--ignore_eos",
+    ]
     if a.random_init:
         cmd += ["--random_init", a.random_init]
         if s["precision"] != "bf16":
             cmd += ["--quantize", s["precision"], "--groupsize", str(a.groupsize)]
     else:
-        suffix = {"bf16": "model.pth", "int8": "model_int8.pth", "int4": f"model_int4.g{a.groupsize}.pth"}[s["precision"]]
+        suffix = {"bf16": "model.pth", "int8": "model_int8.pth", "int4": f"model_int4.g{a.groupsize}.pth"}[
+            s["precision"]
+        ]
         cmd += ["--checkpoint_path", str(a.checkpoint_path.parent / suffix)]
     if s["compile"] == "on":
         cmd += ["--compile"] + (["--compile_prefill"] if a.compile_prefill else [])
@@ -63,13 +122,19 @@ def command(a, s: dict) -> list[str]:
         if a.random_init:
             cmd += ["--draft_quantize", draft, "--speculate_k", str(a.speculate_k)]
         else:
-            cmd += ["--draft_checkpoint_path", str(a.checkpoint_path.parent / f"model_{draft}.g{a.groupsize}.pth"), "--speculate_k", str(a.speculate_k)]
+            cmd += [
+                "--draft_checkpoint_path",
+                str(a.checkpoint_path.parent / f"model_{draft}.g{a.groupsize}.pth"),
+                "--speculate_k",
+                str(a.speculate_k),
+            ]
     return cmd + a.extra
 
 
 def table(rows: list[dict]) -> str:
     columns = {
-        "precision": "precision", "compile": "compile", "speculate": "speculate", "batch_size": "batch", "prompt_len": "prompt",
+        "precision": "precision", "compile": "compile", "speculate": "speculate", "batch_size": "batch",
+        "prompt_len": "prompt",
         "tok_s": "tokens/s", "ms_token": "ms/token", "ttft_ms": "TTFT ms", "gb_s": "GB/s", "pct": "% of read BW",
         "card_gb_s": "card read GB/s", "compile_s": "compile s", "memory_gb": "memory GB",
     }  # fmt: skip
@@ -89,7 +154,9 @@ def plot(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from None
-    labels = [f"{r['precision']} c={r['compile']} s={r['speculate']} b={r['batch_size']} p={r['prompt_len']}" for r in rows]
+    labels = [
+        f"{r['precision']} c={r['compile']} s={r['speculate']} b={r['batch_size']} p={r['prompt_len']}" for r in rows
+    ]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
     ax.barh(labels, [r.get("tok_s", 0) for r in rows])
     ax.set_xlabel("decode tokens/s")
@@ -102,11 +169,19 @@ def parse_args(argv=None):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--random_init", "--model", type=str, help="named config with random weights (no download needed)")
     src.add_argument("--checkpoint_path", type=Path, help="model.pth; its int8/int4 files are looked for beside it")
-    p.add_argument("--precisions", nargs="+", default=["bf16", "int8", "int4"], choices=["bf16", "int8", "int4"], help="weight formats to run")
+    p.add_argument(
+        "--precisions",
+        nargs="+",
+        default=["bf16", "int8", "int4"],
+        choices=["bf16", "int8", "int4"],
+        help="weight formats to run",
+    )
     p.add_argument("--compile", nargs="+", default=["on"], choices=["on", "off"], help="compile settings to run")
     p.add_argument("--speculate", nargs="+", default=["none"], help="none, ngram, draft-int4, draft-int8")
     p.add_argument("--batch_sizes", nargs="+", type=int, default=[1], help="batch sizes to run")
-    p.add_argument("--prompt_lengths", nargs="+", type=int, default=[16], help="synthetic prompt lengths (e.g. 16 2048)")
+    p.add_argument(
+        "--prompt_lengths", nargs="+", type=int, default=[16], help="synthetic prompt lengths (e.g. 16 2048)"
+    )
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens generated per sample")
     p.add_argument("--num_samples", type=int, default=3, help="samples per setting (after the warm-up one)")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
@@ -114,7 +189,9 @@ def parse_args(argv=None):
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--device", default="cuda", help="cuda or cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
-    p.add_argument("--plot", type=Path, default=None, help="also draw tokens/s per setting to this PNG (needs matplotlib)")
+    p.add_argument(
+        "--plot", type=Path, default=None, help="also draw tokens/s per setting to this PNG (needs matplotlib)"
+    )
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments passed to generate.py")
     return p.parse_args(argv)
 

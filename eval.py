@@ -31,7 +31,7 @@ def token_logprobs(model, ids: list[int], device) -> Tensor:
 
 
 def rolling_windows(n_tokens: int, seq_len: int, stride: int):
-    """(start, end, first_scored) windows over n tokens: each token is scored once, with up to seq_len - stride context."""
+    """(start, end, first_scored) windows over n tokens: each token scored once, with up to seq_len - stride context."""
     start, scored = 0, 1
     while scored < n_tokens:
         end = min(start + seq_len, n_tokens)
@@ -73,7 +73,9 @@ class GPTFastLM:
         for req in requests:
             context, continuation = req.args
             ctx = self.tokenizer.encode(context)
-            cont = self.tokenizer.encode(context + continuation)[len(ctx) :] or self.tokenizer.encode(continuation, bos=False)
+            cont = self.tokenizer.encode(context + continuation)[len(ctx) :] or self.tokenizer.encode(
+                continuation, bos=False
+            )
             ids = (ctx + cont)[-self.seq_len :]
             logits = window_logits(self.model, ids, self.device)[-len(cont) - 1 : -1]  # [C, V]
             target = torch.tensor(cont, device=self.device)
@@ -82,7 +84,10 @@ class GPTFastLM:
         return out
 
     def loglikelihood_rolling(self, requests) -> list[float]:
-        return [sum_logprob(self.model, self.tokenizer.encode(r.args[0]), self.seq_len, self.seq_len // 2, self.device)[0] for r in requests]
+        return [
+            sum_logprob(self.model, self.tokenizer.encode(r.args[0]), self.seq_len, self.seq_len // 2, self.device)[0]
+            for r in requests
+        ]
 
     def generate_until(self, requests) -> list[str]:
         from generate import generate
@@ -114,7 +119,9 @@ def run_harness(lm: GPTFastLM, tasks: list[str], limit=None, num_fewshot=None, i
     from lm_eval.tasks import TaskManager
 
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
-    return lm_eval.simple_evaluate(model=wrapped, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager)["results"]
+    return lm_eval.simple_evaluate(
+        model=wrapped, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=task_manager
+    )["results"]
 
 
 def main(argv=None):
@@ -129,7 +136,9 @@ def main(argv=None):
     p.add_argument("--num_fewshot", type=int, default=None, help="harness: few-shot examples")
     p.add_argument("--include_path", type=Path, default=None, help="harness: folder of your own task YAML files")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU")
+    p.add_argument(
+        "--precision", choices=["bf16", "fp16", "fp32"], default=None, help="default bf16 on GPU, fp32 on CPU"
+    )
     a = p.parse_args(argv)
     if a.text_file is None and not a.tasks:
         raise SystemExit("error: pass --text_file for perplexity or --tasks for the harness")
@@ -143,7 +152,10 @@ def main(argv=None):
         if seq_len < 2:
             raise ValueError(f"--seq_len {a.seq_len} must be at least 2 (one token of context, one scored)")
         if not 0 < a.stride <= seq_len:
-            raise ValueError(f"--stride {a.stride} must be in 1..{seq_len} (--seq_len, capped at the model's context {model.config.block_size})")
+            raise ValueError(
+                f"--stride {a.stride} must be in 1..{seq_len} "
+                f"(--seq_len, capped at the model's context {model.config.block_size})"
+            )
         if a.text_file is not None:
             ppl, n = perplexity(model, tokenizer, a.text_file.read_text(encoding="utf-8"), seq_len, a.stride, device)
             print(f"perplexity {ppl:.4f} over {n} tokens ({a.text_file})")

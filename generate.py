@@ -2,7 +2,6 @@
 
 import argparse
 import contextlib
-import itertools
 import os
 import sys
 import time
@@ -13,7 +12,10 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from model import ModelArgs, Transformer, lower_materialize_to_a_buffer, use_decode_attention_kernel
+import kernels
+import quantize
+from bench import measure_read_bandwidth, weight_bytes_per_token
+from model import ModelArgs, Transformer, run_layer
 
 # ---------------------------------------------------------------- sampling
 
@@ -24,7 +26,9 @@ def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
+def logits_to_probs(
+    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> Tensor:
     """Next-token distribution [..., V]; temperature 0 gives the one-hot of the argmax (greedy)."""
     logits = logits.float()
     if temperature == 0:
@@ -42,15 +46,17 @@ def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[in
     return probs
 
 
-def sample(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
+def sample(
+    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+) -> tuple[Tensor, Tensor]:
     """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V]). With top_k, exactly the k largest
     logits are candidates (logits_to_probs keeps ties with the k-th too)."""
     logits = logits[:, -1].float()  # [B, V]
     if temperature == 0 or top_k is None or top_k >= logits.size(-1):
         probs = logits_to_probs(logits, temperature, top_k, top_p)
         return multinomial_sample_one_no_sync(probs), probs
-    # Softmax and draw over the k candidates alone: at batch 1 a softmax over the whole vocabulary is one GPU
-    # program (24 us a token on an H100), and unsorted top-k skips a sort (21 us).
+    # Softmax and draw over the k candidates alone: at batch 1 a softmax over the whole vocabulary is one slow GPU
+    # program, and unsorted top-k skips a sort.
     top, idx = torch.topk(logits, top_k, sorted=False)  # [B, k]
     probs_k = logits_to_probs(top, temperature, None, top_p)  # [B, k]
     token = idx.gather(-1, multinomial_sample_one_no_sync(probs_k).long()).int()  # [B, 1]
@@ -75,13 +81,20 @@ def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **samplin
 
 
 def decode_n_tokens(
-    model, cur_token: Tensor, input_pos: Tensor, num_new_tokens: int, callback=None, stop_ids=None, decode=decode_one_token, **sampling_kwargs
+    model,
+    cur_token: Tensor,
+    input_pos: Tensor,
+    num_new_tokens: int,
+    callback=None,
+    stop_ids=None,
+    decode=decode_one_token,
+    **sampling_kwargs,
 ) -> tuple[list[Tensor], list[Tensor]]:
     """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids."""
     new_tokens, new_probs = [], []
     done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     for _ in range(num_new_tokens):
-        with sdpa_kernel(SDPBackend.MATH):  # decomposed attention for inductor to fuse (as gpt-fast; no change measured on H100)
+        with sdpa_kernel(SDPBackend.MATH):  # decomposed attention for inductor to fuse (as gpt-fast)
             next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
         input_pos += 1
         new_tokens.append(next_token.clone())  # CUDA-graph outputs are overwritten by the next replay
@@ -127,7 +140,12 @@ def speculative_decode(
     device = cur_token.device
     if proposal is None:
         draft_tokens, draft_probs = decode_n_tokens(
-            draft_model, cur_token.view(1, -1), torch.tensor([input_pos], device=device), speculate_k, decode=decode, **sampling_kwargs
+            draft_model,
+            cur_token.view(1, -1),
+            torch.tensor([input_pos], device=device),
+            speculate_k,
+            decode=decode,
+            **sampling_kwargs,
         )
         draft_tokens, draft_probs = torch.cat(draft_tokens).view(-1), torch.cat(draft_probs)  # [k], [k, V]
     else:
@@ -144,10 +162,19 @@ def speculative_decode(
     if rejected.numel() == 0:
         last = multinomial_sample_one_no_sync(target_probs[-1])
         if draft_model is not None:  # the draft has not seen its own last token yet
-            decode(draft_model, draft_tokens[-1].view(1, -1), torch.tensor([input_pos + k], device=device), **sampling_kwargs)
+            decode(
+                draft_model,
+                draft_tokens[-1].view(1, -1),
+                torch.tensor([input_pos + k], device=device),
+                **sampling_kwargs,
+            )
         return torch.cat([draft_tokens, last.view(1)])
     n = int(rejected[0, 0])
-    draft_dist = draft_probs[n] if draft_probs is not None else torch.nn.functional.one_hot(draft_tokens[n].long(), target_probs.size(-1)).float()
+    draft_dist = (
+        draft_probs[n]
+        if draft_probs is not None
+        else torch.nn.functional.one_hot(draft_tokens[n].long(), target_probs.size(-1)).float()
+    )
     residual = torch.clamp(target_probs[n] - draft_dist, min=0.0)  # resample from max(q - p, 0)
     next_token = multinomial_sample_one_no_sync(residual / residual.sum())
     return torch.cat([draft_tokens[:n], next_token.view(1)])
@@ -190,7 +217,10 @@ def generate(
     extra = speculate_k + 1 if speculate else 0  # verification writes up to k+1 positions past the end
     max_seq_length = min(T + max_new_tokens + extra, model.config.block_size)
     if T + max_new_tokens > model.config.block_size:
-        raise ValueError(f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context length {model.config.block_size}")
+        raise ValueError(
+            f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) "
+            f"exceeds the context length {model.config.block_size}"
+        )
     model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
     if draft_model is not None:
         draft_model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
@@ -213,7 +243,14 @@ def generate(
 
     if speculate is None:
         tokens, _ = decode_n_tokens(
-            model, next_token.view(batch_size, -1), torch.tensor([T], device=device), max_new_tokens - 1, callback, stop, decode_fn, **sampling_kwargs
+            model,
+            next_token.view(batch_size, -1),
+            torch.tensor([T], device=device),
+            max_new_tokens - 1,
+            callback,
+            stop,
+            decode_fn,
+            **sampling_kwargs,
         )
         if tokens:
             seq[:, T + 1 : T + 1 + len(tokens)] = torch.cat(tokens, dim=-1)
@@ -232,9 +269,13 @@ def generate(
             if draft_model is not None:  # keep the draft's cache in step
                 decode_fn(draft_model, x, pos, **sampling_kwargs)
         else:
-            if proposal is not None and proposal.numel() < k:  # a match near the end: pad; exactness holds for any proposal
+            if (
+                proposal is not None and proposal.numel() < k
+            ):  # a match near the end: pad; exactness holds for any proposal
                 proposal = torch.cat([proposal, proposal[-1:].expand(k - proposal.numel())])
-            new = speculative_decode(model, draft_model, seq[0, T + n - 1], T + n - 1, k, proposal, decode_fn, verify_fn, **sampling_kwargs)
+            new = speculative_decode(
+                model, draft_model, seq[0, T + n - 1], T + n - 1, k, proposal, decode_fn, verify_fn, **sampling_kwargs
+            )
         accept_counts[len(new) - 1] += 1
         new = new[: max_new_tokens - n]  # a full step can overshoot max_new_tokens
         hit = torch.isin(new, stop).nonzero() if stop is not None else new[:0]
@@ -262,29 +303,36 @@ def _now(device: torch.device) -> float:
 # ---------------------------------------------------------------- loading
 
 
-def load_model(checkpoint_path, device, precision=torch.bfloat16, use_tp: bool = False, kernels: str = "auto", pdl: bool = False) -> Transformer:
+def load_model(
+    checkpoint_path,
+    device,
+    precision=torch.bfloat16,
+    use_tp: bool = False,
+    kernels_mode: str = "auto",
+    pdl: bool = False,
+) -> Transformer:
     """The model of a checkpoint (bf16, int8 or int4, read from its tensors), placed on the device with its kernels."""
-    import quantize
-
-    return place(quantize.load_checkpoint_model(checkpoint_path), device, precision, use_tp, kernels, pdl)
+    return place(quantize.load_checkpoint_model(checkpoint_path), device, precision, use_tp, kernels_mode, pdl)
 
 
-def place(model: Transformer, device, precision, use_tp: bool, kernels: str = "auto", pdl: bool = False) -> Transformer:
-    """Shard (tensor parallel), move and cast; then let quantized layers pick their kernels for the device."""
-    import quantize
-
+def place(
+    model: Transformer, device, precision, use_tp: bool, kernels_mode: str = "auto", pdl: bool = False
+) -> Transformer:
+    """Shard (tensor parallel), move and cast; then our kernels where they run (kernels.py), and torch's int4
+    kernels for the int4 layers left."""
     if use_tp:
         import tp
 
         tp.apply_tp(model)
     model = model.to(device=device, dtype=precision)
-    quantize.prepare_for_device(model, torch.device(device), kernels, pdl)
+    kernels.use_kernels(model, device, kernels_mode, pdl)
+    quantize.prepare_for_device(model, device)
     return model.eval()
 
 
 def repack_memory(model: Transformer, device) -> Transformer:
-    """Quantizing in GPU memory leaves the allocator's blocks fragmented (H100, int8 7B: 10.4 GB reserved for 7 GB
-    of weights); a round trip through host memory lays the weights out as loading a checkpoint does."""
+    """Quantizing in GPU memory leaves the allocator's blocks fragmented (far more reserved than the weights need);
+    a round trip through host memory lays the weights out as loading a checkpoint does."""
     if torch.device(device).type != "cuda":
         return model
     model = model.to("cpu")
@@ -309,44 +357,6 @@ def random_model(args: ModelArgs, device, precision=torch.bfloat16, seed: int = 
     return model.eval()
 
 
-def weight_bytes_per_token(model: torch.nn.Module) -> int:
-    """Bytes of weights one decode step reads at batch 1: every tensor once, but only one row of an untied
-    embedding and, in a mixture of experts, only the activated experts (top-k of E)."""
-    per_storage, cfg = {}, model.config  # tied or fused weights (views of one storage) count once
-    for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if name.endswith(("kv_cache.kv", "freqs_cis", "causal_mask")):
-            continue
-        share = cfg.num_activated_experts / cfg.num_experts if ".cond_ffn." in name else 1.0
-        key = t.untyped_storage().data_ptr()
-        per_storage[key] = max(per_storage.get(key, 0), int(t.numel() * t.element_size() * share))
-    total = sum(per_storage.values())
-    emb = model.tok_embeddings.weight
-    if model.output.weight.data_ptr() != emb.data_ptr():
-        total -= (emb.shape[0] - 1) * emb.shape[1] * emb.element_size()
-    return total
-
-
-@torch.no_grad()
-def measure_read_bandwidth(device, gib: float = 4.0, iters: int = 20) -> float:
-    """The card's read bandwidth in GB/s: median time of a full-tensor sum over `gib` GiB (reads only)."""
-    if device.type != "cuda":
-        return float("nan")
-    x = torch.randn(int(gib * 2**30) // 2, dtype=torch.bfloat16, device=device)  # random data: zeros can run faster
-    times = []
-    for i in range(iters + 3):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        x.sum(dtype=torch.float32)
-        end.record()
-        torch.cuda.synchronize()
-        if i >= 3:
-            times.append(start.elapsed_time(end) / 1e3)
-    nbytes = x.numel() * x.element_size()
-    del x
-    torch.cuda.empty_cache()
-    return nbytes / sorted(times)[len(times) // 2] / 1e9
-
-
 # ---------------------------------------------------------------- command line
 
 
@@ -355,52 +365,110 @@ def parse_args(argv=None):
     p.add_argument(
         "--checkpoint_path",
         type=Path,
-        default=Path("checkpoints/meta-llama/Llama-2-7b-chat-hf/model.pth"),
-        help="model.pth (or model_int8.pth, model_int4.g32.pth)",
+        default=Path(__file__).resolve().parent / "models/stories260K/model.pth",
+        help="model.pth (or model_int8.pth, model_int4.g32.pth); default: the demo model",
     )
-    p.add_argument("--tokenizer_path", type=Path, default=None, help="tokenizer file; default: tokenizer.model beside the checkpoint")
-    p.add_argument("--prompt", type=str, default="Hello, my name is", help="prompt text, or an integer N for a synthetic prompt of N tokens")
-    p.add_argument("--interactive", action="store_true", help="chat: read prompts from stdin, apply the chat template, stream the reply")
+    p.add_argument(
+        "--tokenizer_path",
+        type=Path,
+        default=None,
+        help="tokenizer file; default: tokenizer.model beside the checkpoint",
+    )
+    p.add_argument(
+        "--prompt",
+        type=str,
+        default="Hello, my name is",
+        help="prompt text, or an integer N for a synthetic prompt of N tokens",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="chat: read prompts from stdin, apply the chat template, stream the reply",
+    )
     p.add_argument("--num_samples", type=int, default=5, help="how many times to generate")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
     p.add_argument("--batch_size", type=int, default=1, help="sequences generated in parallel from the same prompt")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
-    p.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass")
+    p.add_argument(
+        "--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass"
+    )
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
-    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too (dynamic shapes); works with or without --compile")
+    p.add_argument(
+        "--compile_prefill",
+        action="store_true",
+        help="compile prefill too (dynamic shapes); works with or without --compile",
+    )
     p.add_argument(
         "--compile_layer_once",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with --compile (on by default): compile one transformer layer and reuse it for every layer; H100: half the compile, +5%% tokens/s",
+        help="with --compile (on by default): compile one transformer layer and reuse it for every layer "
+        "(half the compile time)",
     )
-    p.add_argument("--compile_cache", type=Path, default=None, help="file of compiled artifacts: loaded if present, written after compiling")
-    p.add_argument("--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu")
-    p.add_argument("--precision", choices=["bf16", "fp16", "fp32"], default=None, help="weights/activations dtype; default bf16 on GPU, fp32 on CPU")
-    p.add_argument("--random_init", type=str, default=None, metavar="MODEL_NAME", help="no checkpoint: random weights of this named config (for benchmarks)")
-    p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="with --random_init: quantize the random weights in memory")
+    p.add_argument(
+        "--compile_cache",
+        type=Path,
+        default=None,
+        help="file of compiled artifacts: loaded if present, written after compiling",
+    )
+    p.add_argument(
+        "--device", type=str, default="cuda" if torch.cuda.is_available() else "cpu", help="cuda (also ROCm) or cpu"
+    )
+    p.add_argument(
+        "--precision",
+        choices=["bf16", "fp16", "fp32"],
+        default=None,
+        help="weights/activations dtype; default bf16 on GPU, fp32 on CPU",
+    )
+    p.add_argument(
+        "--random_init",
+        type=str,
+        default=None,
+        metavar="MODEL_NAME",
+        help="no checkpoint: random weights of this named config (for benchmarks)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="with --random_init: quantize the random weights in memory",
+    )
     p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
     p.add_argument(
         "--kernels",
         choices=["auto", "gemv", "torch"],
         default="auto",
-        help="decode matmuls on CUDA: auto (every linear layer on our Triton GEMVs, w1/w3 as one gated kernel, the RMSNorms "
-        "and residual adds inside them), gemv (the GEMVs only; float: wo, w2, output) or torch (inductor's own reductions, "
+        help="decode matmuls on CUDA: auto (every linear layer on our Triton GEMVs, w1/w3 as one gated kernel, "
+        "the RMSNorms and residual adds inside them), gemv (the GEMVs only; float: wo, w2, output) or torch "
+        "(inductor's own reductions, "
         "tinygemm for int4)",
     )
     p.add_argument(
         "--attention_kernel",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel instead of ~6; "
-        "default: on for one CUDA GPU when the head sizes are powers of two (H100: bf16 +2.8%%, int8 +8.1%%)",
+        help="each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel "
+        "instead of ~6; "
+        "default: on for one CUDA GPU when the head sizes are powers of two (faster)",
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
-    p.add_argument("--draft_quantize", choices=["int8", "int4"], default=None, help="with --random_init: the draft is a quantized copy of the target")
-    p.add_argument("--speculate", choices=["draft", "ngram"], default=None, help="speculative method; 'draft' is implied by --draft_checkpoint_path")
+    p.add_argument(
+        "--draft_quantize",
+        choices=["int8", "int4"],
+        default=None,
+        help="with --random_init: the draft is a quantized copy of the target",
+    )
+    p.add_argument(
+        "--speculate",
+        choices=["draft", "ngram"],
+        default=None,
+        help="speculative method; 'draft' is implied by --draft_checkpoint_path",
+    )
     p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
-    p.add_argument("--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token")
+    p.add_argument(
+        "--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token"
+    )
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
     p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
     args = p.parse_args(argv)
@@ -438,8 +506,6 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
     """The target model (checkpoint or random) and the optional draft; CLI errors as one line."""
     try:
         if args.random_init:
-            import quantize
-
             config = ModelArgs.from_name(args.random_init)
             model = random_model(config, device, precision, args.seed)
             if args.quantize:
@@ -447,25 +513,36 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
             model = place(model, device, precision, use_tp, args.kernels, pdl)
             draft = None
             if args.draft_quantize:  # same random weights, quantized: a draft that mostly agrees
-                draft = quantize.quantize_model(random_model(config, device, precision, args.seed), args.draft_quantize, args.groupsize)
+                draft = quantize.quantize_model(
+                    random_model(config, device, precision, args.seed), args.draft_quantize, args.groupsize
+                )
                 draft = repack_memory(draft, device)
                 draft = place(draft, device, precision, use_tp, args.kernels, pdl)
         else:
             model = load_model(args.checkpoint_path, device, precision, use_tp, args.kernels, pdl)
-            draft = load_model(args.draft_checkpoint_path, device, precision, use_tp, args.kernels, pdl) if args.draft_checkpoint_path else None
+            draft = (
+                load_model(args.draft_checkpoint_path, device, precision, use_tp, args.kernels, pdl)
+                if args.draft_checkpoint_path
+                else None
+            )
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     if args.speculate == "draft" and draft is None:
         raise SystemExit("error: --speculate draft needs --draft_checkpoint_path")
     if draft is not None and draft.config.vocab_size != model.config.vocab_size:
-        raise SystemExit(f"error: draft vocab {draft.config.vocab_size} != target vocab {model.config.vocab_size}: use a draft of the same family")
+        raise SystemExit(
+            f"error: draft vocab {draft.config.vocab_size} != target vocab {model.config.vocab_size}: "
+            "use a draft of the same family"
+        )
     use_kernel = args.attention_kernel
     if use_kernel is None:  # the default: measured on one GPU only
         use_kernel = device.type == "cuda" and not torch.version.hip and not use_tp
     if use_kernel:
-        fits = [use_decode_attention_kernel(m, pdl) for m in (model, draft) if m is not None]
+        fits = [kernels.use_decode_attention_kernel(m, pdl) for m in (model, draft) if m is not None]
         if args.attention_kernel and not all(fits):
-            raise SystemExit("error: --attention_kernel needs Triton and power-of-two head sizes and query heads per key/value head")
+            raise SystemExit(
+                "error: --attention_kernel needs Triton and power-of-two head sizes and query heads per key/value head"
+            )
     return model, draft
 
 
@@ -480,7 +557,9 @@ def load_tokenizer(args, vocab_size: int):
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}: pass --tokenizer_path") from None
     if tok.vocab_size > vocab_size:
-        raise SystemExit(f"error: tokenizer {path} has {tok.vocab_size} tokens but the model only {vocab_size}: wrong tokenizer?")
+        raise SystemExit(
+            f"error: tokenizer {path} has {tok.vocab_size} tokens but the model only {vocab_size}: wrong tokenizer?"
+        )
     return tok
 
 
@@ -506,7 +585,8 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
         raise SystemExit(f"error: speculative decoding runs at batch size 1, not {args.batch_size}: drop --batch_size")
     if prompt_len + args.max_new_tokens > cfg.block_size:
         raise SystemExit(
-            f"error: prompt ({prompt_len} tokens) + --max_new_tokens ({args.max_new_tokens}) = {prompt_len + args.max_new_tokens} "
+            f"error: prompt ({prompt_len} tokens) + --max_new_tokens ({args.max_new_tokens}) = "
+            f"{prompt_len + args.max_new_tokens} "
             f"exceeds the context length {cfg.block_size}: shorten the prompt or lower --max_new_tokens"
         )
     heads = model.layers[0].attention.n_local_heads  # per rank under tensor parallel
@@ -518,14 +598,15 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     if kv_bytes > free:
         raise SystemExit(
-            f"error: the KV cache for --batch_size {args.batch_size} needs {kv_bytes / 1e9:.1f} GB but {free / 1e9:.1f} GB is free: lower --batch_size"
+            f"error: the KV cache for --batch_size {args.batch_size} needs {kv_bytes / 1e9:.1f} GB "
+            f"but {free / 1e9:.1f} GB is free: lower --batch_size"
         )
 
 
 def use_pdl(device: torch.device, use_tp: bool) -> bool:
     """Programmatic dependent launch: each kernel starts launching while the one before it drains (Hopper and
-    later). On by default on one GPU (H100 bf16: +7.5%, same logits as without); TORCHINDUCTOR_ENABLE_PDL=0 turns it
-    off, =1 on under tensor parallel too, where it is not measured."""
+    later). On by default on one GPU (same logits as without); TORCHINDUCTOR_ENABLE_PDL=0 turns it off, =1 on under
+    tensor parallel too, where it is not measured."""
     forced = os.environ.get("TORCHINDUCTOR_ENABLE_PDL")
     if device.type != "cuda" or torch.version.hip or forced == "0":
         return False
@@ -536,15 +617,24 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
     """Inductor settings for fast batch-1 decode and quick warm starts (process-wide, as torch keeps them)."""
     import torch._inductor.config as inductor_config
 
-    lower_materialize_to_a_buffer()
+    kernels.lower_materialize_to_a_buffer()
     inductor_config.triton.enable_pdl = pdl  # use_pdl decides
     inductor_config.coordinate_descent_tuning = True  # tunes the GEMV-shaped kernels of batch-1 decode
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
     if device == "cuda" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-        inductor_config.compile_threads = 1  # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
+        inductor_config.compile_threads = (
+            1  # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
+        )
     if torch.__version__ < (2, 12) and hasattr(inductor_config, "use_static_cuda_launcher"):
-        inductor_config.use_static_cuda_launcher = False  # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
+        inductor_config.use_static_cuda_launcher = (
+            False  # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
+        )
+
+
+# Under torch.compile, layers of one shape share one compiled graph instead of one inlined copy each: the cold
+# compile takes about half as long, and decode is as fast or faster. Eager, it is a plain call.
+run_layer_once = torch.compiler.nested_compile_region(run_layer)
 
 
 def compile_steps(args, fused_kernels_ok: bool, pdl: bool = False):
@@ -606,7 +696,8 @@ def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
     pct = f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else ""
     mem = f", memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if device.type == "cuda" else ""
     print(
-        f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, time to first token {row['ttft'] * 1e3:.1f} ms, "
+        f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, "
+        f"time to first token {row['ttft'] * 1e3:.1f} ms, "
         f"decode {tok_s:.2f} tokens/s, {row['gb_s']:.1f} GB/s{pct}{mem}"
     )
     if "accept_counts" in stats:
@@ -617,7 +708,7 @@ def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
 
 
 def interactive_loop(model, tokenizer, args, steps, draft, device):
-    """A multi-turn chat: the whole conversation is the prompt of each reply; it restarts when it outgrows the context."""
+    """A multi-turn chat: the whole conversation is each reply's prompt; it restarts when it outgrows the context."""
     stop_ids, history = tokenizer.stop_ids(), []
     while True:
         try:
@@ -629,10 +720,15 @@ def interactive_loop(model, tokenizer, args, steps, draft, device):
             history, turn = [], tokenizer.encode_chat(message, first_turn=True)
             print("(the conversation no longer fits the context: starting a new one)")
         if len(turn) + args.max_new_tokens > model.config.block_size:
-            print(f"(prompt of {len(turn)} tokens is too long for --max_new_tokens {args.max_new_tokens}; try a shorter one)")
+            print(
+                f"(prompt of {len(turn)} tokens is too long for --max_new_tokens {args.max_new_tokens}; "
+                "try a shorter one)"
+            )
             continue
         prompt = torch.tensor(history + turn, dtype=torch.int, device=device)
-        y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False)
+        y, _ = run_sample(
+            model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False
+        )
         reply = [t for t in y[0, prompt.numel() :].tolist() if t not in stop_ids]
         history = prompt.tolist() + reply + tokenizer.end_of_turn()
         print()
@@ -673,7 +769,9 @@ def setup(args, rank: Optional[int] = None):
     print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
     steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
     for m in (model, draft) if draft is not None else (model,):
-        m.compile_layer_once = args.compile_layer_once
+        if args.compile or args.compile_prefill:
+            kernels.store_hidden(m)
+        m.decode_layer = run_layer_once if args.compile_layer_once else run_layer
     if (args.compile or args.compile_prefill) and args.compile_cache is not None and args.compile_cache.is_file():
         torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
     return device, model, draft, steps
@@ -699,9 +797,23 @@ def run(args, rank):
     for i in range(-1 if warm_up else 0, args.num_samples):  # sample -1 is the warm-up, not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, None, device, profile=args.profile is not None and i == args.num_samples - 1)
+        y, stats = run_sample(
+            model,
+            prompt,
+            args,
+            steps,
+            stop_ids,
+            draft,
+            None,
+            device,
+            profile=args.profile is not None and i == args.num_samples - 1,
+        )
         if i < 0:
-            print(f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})" if compiling else f"Warm-up: {stats['total']:.2f} s")
+            print(
+                f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})"
+                if compiling
+                else f"Warm-up: {stats['total']:.2f} s"
+            )
             save_compile_cache(args.compile_cache)
             continue
         if tokenizer is not None:
@@ -716,8 +828,9 @@ def compile_cache_summary() -> str:
 
     c = counters["inductor"]
     new = c["fxgraph_cache_miss"] + c["fxgraph_cache_bypass"]
-    kernels, tuning = c["async_compile_cache_miss"], c["coordesc_tuning_bench"]
-    return f"graphs: {c['fxgraph_cache_hit']} from cache, {new} compiled; kernels loaded: {kernels}; tuning benchmarks: {tuning}"
+    loaded, tuning = c["async_compile_cache_miss"], c["coordesc_tuning_bench"]
+    hits = c["fxgraph_cache_hit"]
+    return f"graphs: {hits} from cache, {new} compiled; kernels loaded: {loaded}; tuning benchmarks: {tuning}"
 
 
 def save_compile_cache(path: Optional[Path]) -> None:
@@ -735,9 +848,14 @@ def summarize(rows, bytes_per_token, bandwidth):
     print("==========")
     print(f"Average decode tokens/s: {mean['tok_s']:.2f}")
     print(f"Average time to first token: {mean['ttft'] * 1e3:.1f} ms")
-    print(f"Average bandwidth achieved: {mean['gb_s']:.1f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)")
+    print(
+        f"Average bandwidth achieved: {mean['gb_s']:.1f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)"
+    )
     if bandwidth:
-        print(f"Measured read bandwidth of this card: {bandwidth:.0f} GB/s; achieved {100 * mean['gb_s'] / bandwidth:.1f}%")
+        print(
+            f"Measured read bandwidth of this card: {bandwidth:.0f} GB/s; "
+            f"achieved {100 * mean['gb_s'] / bandwidth:.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -119,20 +119,23 @@ class ModelArgs:
 
 
 _LLAMA3_ROPE = dict(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192)
-_LLAMA3_1 = dict(block_size=131072, vocab_size=128256, rope_base=500000.0, rope_scaling={"rope_type": "llama3", **_LLAMA3_ROPE})
+_LLAMA3 = dict(n_local_heads=8, vocab_size=128256, rope_base=500000.0)
+_LLAMA3_1 = dict(
+    block_size=131072, vocab_size=128256, rope_base=500000.0, rope_scaling={"rope_type": "llama3", **_LLAMA3_ROPE}
+)
 transformer_configs = {
     "CodeLlama-7b-Python-hf": dict(block_size=16384, vocab_size=32000, n_layer=32, dim=4096, rope_base=1000000.0),
     "CodeLlama-7b": dict(block_size=16384, vocab_size=32016, n_layer=32, dim=4096, rope_base=1000000.0),
     "7B": dict(n_layer=32, n_head=32, dim=4096),
     "13B": dict(n_layer=40, n_head=40, dim=5120),
-    "34B": dict(n_layer=48, n_head=64, dim=8192, vocab_size=32000, n_local_heads=8, intermediate_size=22016, rope_base=1000000.0),
+    "34B": dict(n_layer=48, n_head=64, dim=8192, n_local_heads=8, intermediate_size=22016, rope_base=1000000.0),
     "70B": dict(n_layer=80, n_head=64, dim=8192, n_local_heads=8, intermediate_size=28672),
-    "Mistral-7B": dict(block_size=4096, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=32000),
+    "Mistral-7B": dict(block_size=4096, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336),
     "stories15M": dict(n_layer=6, n_head=6, dim=288, intermediate_size=768),
     "stories42M": dict(n_layer=8, n_head=8, dim=512, intermediate_size=1376),
     "stories110M": dict(n_layer=12, n_head=12, dim=768, intermediate_size=2048),
-    "Llama-3-8B": dict(block_size=8192, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, vocab_size=128256, rope_base=500000.0),
-    "Llama-3-70B": dict(block_size=8192, n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, vocab_size=128256, rope_base=500000.0),
+    "Llama-3-8B": dict(block_size=8192, n_layer=32, n_head=32, dim=4096, intermediate_size=14336, **_LLAMA3),
+    "Llama-3-70B": dict(block_size=8192, n_layer=80, n_head=64, dim=8192, intermediate_size=28672, **_LLAMA3),
     "Llama-3.1-8B": dict(n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336, **_LLAMA3_1),
     "Llama-3.1-70B": dict(n_layer=80, n_head=64, n_local_heads=8, dim=8192, intermediate_size=28672, **_LLAMA3_1),
     "Llama-3.1-405B": dict(n_layer=126, n_head=128, n_local_heads=8, dim=16384, intermediate_size=53248, **_LLAMA3_1),
@@ -143,7 +146,13 @@ transformer_configs = {
 class KVCache(nn.Module):
     def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (2, max_batch_size, n_heads, max_seq_length, head_dim)  # [k|v, B, H_kv, S_max, D]: one buffer, one write
+        shape = (
+            2,
+            max_batch_size,
+            n_heads,
+            max_seq_length,
+            head_dim,
+        )  # [k|v, B, H_kv, S_max, D]: one buffer, one write
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
@@ -172,7 +181,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.max_batch_size = -1
         self.max_seq_length = -1
-        self.compile_layer_once = False  # decode: torch.compile traces and compiles one layer, reused for all (run_layer_once)
+        self.decode_layer = run_layer  # how decode steps call each layer: generate.py's --compile_layer_once swaps it
 
     @classmethod
     def from_name(cls, name: str) -> "Transformer":
@@ -184,13 +193,19 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
-        max_seq_length = find_multiple(max_seq_length, 64)  # aligned rows; nearby lengths share one compiled decode graph
+        max_seq_length = find_multiple(
+            max_seq_length, 64
+        )  # aligned rows; nearby lengths share one compiled decode graph
         max_seq_length = min(max_seq_length, self.config.block_size)
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # norms are never quantized
         for b in self.layers:
-            b.attention.kv_cache = KVCache(max_batch_size, max_seq_length, b.attention.n_local_heads, self.config.head_dim, dtype, device)
-        freqs = precompute_freqs_cis(max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling)
+            b.attention.kv_cache = KVCache(
+                max_batch_size, max_seq_length, b.attention.n_local_heads, self.config.head_dim, dtype, device
+            )
+        freqs = precompute_freqs_cis(
+            max_seq_length, self.config.head_dim, self.config.rope_base, self.config.rope_scaling
+        )
         self.register_buffer("freqs_cis", freqs.to(device=device, dtype=dtype), persistent=False)
         mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", mask, persistent=False)
@@ -206,19 +221,16 @@ class Transformer(nn.Module):
         mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
-        run = run_layer_once if self.compile_layer_once and not prefill else run_layer  # prefill's dynamic shapes: torch 2.13 refuses
+        run = run_layer if prefill else self.decode_layer  # prefill's dynamic shapes: one layer region is refused
         for layer in self.layers:
             x = run(layer, x, input_pos, freqs_cis, mask)
         return self.output(self.norm(x))
 
 
-def run_layer(layer: "TransformerBlock", x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+def run_layer(
+    layer: "TransformerBlock", x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]
+) -> Tensor:
     return layer(x, input_pos, freqs_cis, mask)
-
-
-# Under torch.compile, layers of one shape share one compiled graph instead of 32 inlined copies, which
-# halves the compile time or better (README). Eager, it is a plain call. torch < 2.8 has no such region.
-run_layer_once = torch.compiler.nested_compile_region(run_layer) if hasattr(torch.compiler, "nested_compile_region") else run_layer
 
 
 class TransformerBlock(nn.Module):
@@ -246,7 +258,6 @@ class Attention(nn.Module):
         self.wo = nn.Linear(config.n_head * config.head_dim, config.dim, bias=False)
         self.kv_cache = None
         self.n_head, self.n_local_heads, self.head_dim = config.n_head, config.n_local_heads, config.head_dim
-        self.decode_kernel_pdl: Optional[bool] = None  # set by use_decode_attention_kernel: one-token steps on our kernel
         self._register_load_state_dict_pre_hook(self._fuse_wq_wk_wv)
 
     def _fuse_wq_wk_wv(self, state_dict, prefix, *args):
@@ -258,8 +269,11 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
         return self.wo(self.attend(self.wqkv(x), freqs_cis, mask, input_pos))
 
-    def attend(self, qkv: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
-        """Projected q, k, v [B, S, (H + 2 H_kv) D] -> attention output [B, S, H D], before wo; writes the KV cache."""
+    def write_cache(
+        self, qkv: Tensor, freqs_cis: Tensor, input_pos: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Split qkv [B, S, (H + 2 H_kv) D], rotate k, write k and v into the cache at input_pos.
+        Returns q [B, S, H D] (not rotated), the new k, v [B, H_kv, S, D] and the caches [B, H_kv, S_max, D]."""
         B, S, _ = qkv.shape
         q_size, kv_size = self.n_head * self.head_dim, self.n_local_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
@@ -267,42 +281,19 @@ class Attention(nn.Module):
         v = v.view(B, S, self.n_local_heads, self.head_dim)
         k, v = k.transpose(1, 2), v.transpose(1, 2)  # [B, H_kv, S, D]
         k_all, v_all = self.kv_cache.update(input_pos, k, v)  # [B, H_kv, S_max, D]
-        if S == 1 and mask is not None and self.decode_kernel_pdl is not None:  # q's RoPE and attention in one kernel
-            y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.decode_kernel_pdl)
-            return y.view(B, 1, q_size)
+        return q, k, v, k_all, v_all
+
+    def attend(self, qkv: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
+        """Projected q, k, v [B, S, (H + 2 H_kv) D] -> attention output [B, S, H D], before wo; writes the KV cache."""
+        B, S, _ = qkv.shape
+        q, k, v, k_all, v_all = self.write_cache(qkv, freqs_cis, input_pos)
         q = apply_rotary_emb(q.view(B, S, self.n_head, self.head_dim), freqs_cis).transpose(1, 2)  # [B, H, S, D]
         gqa = self.n_head != self.n_local_heads
         if mask is None:  # prefill from position 0: causal over the new tokens alone (flash-eligible)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
             y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
-        return y.transpose(1, 2).contiguous().view(B, S, q_size)
-
-
-@torch.library.custom_op("gptfast::materialize", mutates_args=())
-def materialize(x: Tensor) -> Tensor:
-    """A copy of x that torch.compile cannot see through, so that x is computed once and stored (compiled, with
-    lower_materialize_to_a_buffer, the store alone: no copy). At batch-1 decode
-    inductor turns w2's matmul into a reduction whose input, silu(w1 x) * w3 x, it would otherwise recompute in
-    every one of its 2048 programs (H100, bf16 7B: 176.8 -> 196.8 tokens/s, same machine; Mixtral's experts
-    have the same pattern, not yet measured)."""
-    return x.clone()
-
-
-@materialize.register_fake
-def _(x: Tensor) -> Tensor:
-    return torch.empty_like(x)
-
-
-def lower_materialize_to_a_buffer() -> None:
-    """Let inductor compile materialize as "store x in a buffer" rather than a call that copies it (one copy kernel
-    per layer fewer). Process-wide, like inductor's own settings; without it the copy runs and results are the same.
-    Inductor's FX-graph cache does not key on lowerings: a graph cached before this was registered keeps its copy."""
-    from torch._inductor.lowering import lowerings, register_lowering  # imported on demand: ~2 s
-
-    op = torch.ops.gptfast.materialize.default
-    if op not in lowerings:
-        register_lowering(op)(lambda x: (x.realize(), x)[1])
+        return y.transpose(1, 2).contiguous().view(B, S, self.n_head * self.head_dim)
 
 
 class FeedForward(nn.Module):
@@ -311,12 +302,10 @@ class FeedForward(nn.Module):
         self.w1 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w3 = nn.Linear(config.dim, config.intermediate_size, bias=False)
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)
+        self.store_hidden = nn.Identity()  # kernels.store_hidden: computed once for w2, not inside w2's reduction
 
     def forward(self, x: Tensor) -> Tensor:
-        h = F.silu(self.w1(x)) * self.w3(x)
-        if isinstance(self.w2, nn.Linear):  # float weights (quantized layers are opaque already): see materialize
-            h = materialize(h)
-        return self.w2(h)
+        return self.w2(self.store_hidden(F.silu(self.w1(x)) * self.w3(x)))
 
 
 class ConditionalFeedForward(nn.Module):
@@ -328,6 +317,7 @@ class ConditionalFeedForward(nn.Module):
         self.w1 = nn.Parameter(torch.empty(E, I, D))
         self.w2 = nn.Parameter(torch.empty(E, D, I))
         self.w3 = nn.Parameter(torch.empty(E, I, D))
+        self.store_hidden = nn.Identity()  # as in FeedForward
 
     def expert_weight(self, name: str, idx) -> Tensor:
         """Weights of the experts in idx, in compute dtype (quantized subclasses dequantize here)."""
@@ -339,9 +329,13 @@ class ConditionalFeedForward(nn.Module):
         # reduction that reads each selected expert once, where a bmm would first materialize the weights
         x = x[:, None, None, :]  # [T, 1, 1, D]
         w1, w3 = self.expert_weight("w1", expert_indices), self.expert_weight("w3", expert_indices)  # [T, A, I, D]
-        h = F.silu(torch.sum(x * w1, dim=-1, dtype=torch.float)) * torch.sum(x * w3, dim=-1, dtype=torch.float)  # [T, A, I]
-        h = materialize(h.to(x.dtype))[:, :, None, :]  # [T, A, 1, I]; stored once, as in FeedForward
-        return torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float).to(x.dtype)  # [T, A, D]
+        h = F.silu(torch.sum(x * w1, dim=-1, dtype=torch.float)) * torch.sum(
+            x * w3, dim=-1, dtype=torch.float
+        )  # [T, A, I]
+        h = self.store_hidden(h.to(x.dtype))[:, :, None, :]  # [T, A, 1, I]
+        return torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float).to(
+            x.dtype
+        )  # [T, A, D]
 
     def forward_expert(self, x: Tensor, e: int) -> Tensor:
         """All rows of x [N, D] through expert e -> [N, D]."""
@@ -398,7 +392,9 @@ def scale_rope_freqs(freqs: Tensor, rope_scaling: dict) -> Tensor:
     return torch.where(wavelen < old_len / high, freqs, torch.where(wavelen > old_len / low, freqs / factor, mid))
 
 
-def precompute_freqs_cis(seq_len: int, n_elem: int, base: float = 10000.0, rope_scaling: Optional[dict] = None) -> Tensor:
+def precompute_freqs_cis(
+    seq_len: int, n_elem: int, base: float = 10000.0, rope_scaling: Optional[dict] = None
+) -> Tensor:
     freqs = 1.0 / (base ** (torch.arange(0, n_elem, 2, dtype=torch.int64).float() / n_elem))  # [D/2]
     if rope_scaling is not None:
         freqs = scale_rope_freqs(freqs, rope_scaling)
@@ -410,123 +406,7 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
     """Rotate interleaved pairs (x0, x1) of x [B, S, H, D] by the angles in freqs_cis [S, D/2, 2]."""
     xs = x.float().reshape(*x.shape[:-1], -1, 2)  # [B, S, H, D/2, 2]
     fc = freqs_cis.view(1, xs.size(1), 1, xs.size(3), 2)
-    out = torch.stack([xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1)
+    out = torch.stack(
+        [xs[..., 0] * fc[..., 0] - xs[..., 1] * fc[..., 1], xs[..., 1] * fc[..., 0] + xs[..., 0] * fc[..., 1]], dim=-1
+    )
     return out.flatten(3).type_as(x)
-
-
-# ---------------------------------------------------------------- decode attention in one kernel (CUDA, default on one GPU)
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only installs
-    triton = None
-
-if triton is not None:
-
-    @triton.jit
-    def decode_attention_kernel(
-        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, acc_ptr, ml_ptr, S_MAX, CHUNK, scale,
-        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr,
-    ):  # fmt: skip
-        """One decode step of attention for batch row b, key/value head h and its G = H / HKV query heads, over
-        cache positions [split * CHUNK, (split + 1) * CHUNK) up to pos (the caches [B, HKV, S_MAX, D] already hold
-        this step's k and v): RoPE on the new q, then an online softmax(q K^T * scale) V, BLOCK_T positions at a time.
-        qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos. One split writes y [B, H D];
-        several write their unnormalized sums to acc [B, HKV, SPLITS, G, D] and (max, sum) to ml [..., G, 2]."""
-        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        G: tl.constexpr = H // HKV
-        half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
-        row = qkv_ptr + b * (H + 2 * HKV) * D
-        cache = (b * HKV + h) * S_MAX * D  # this head's [S_MAX, D] block in either cache
-        if PDL:
-            tl.extra.cuda.gdc_wait()  # qkv, the cache rows and the RoPE row are earlier kernels' outputs
-        pos = tl.load(pos_ptr)
-        c, s = tl.load(fc_ptr + 2 * half).to(tl.float32), tl.load(fc_ptr + 2 * half + 1).to(tl.float32)
-        q_even = row + (h * G + g[:, None]) * D + 2 * half[None, :]  # [G, D/2]: q's interleaved pairs (x0, x1)
-        x0, x1 = tl.load(q_even).to(tl.float32), tl.load(q_even + 1).to(tl.float32)
-        q = tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x1 * c[None, :] + x0 * s[None, :]), [G, D])  # RoPE
-        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale  # rounded to the model's dtype, as SDPA's input is
-        m = tl.full([G], float("-inf"), tl.float32)
-        l = tl.zeros([G], tl.float32)
-        acc = tl.zeros([G, D], tl.float32)
-        for t0 in range(split * CHUNK, tl.minimum((split + 1) * CHUNK, pos + 1), BLOCK_T):
-            t = t0 + tl.arange(0, BLOCK_T)
-            rows = cache + t[:, None] * D + d[None, :]  # [BLOCK_T, D]
-            kt = tl.load(k_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
-            score = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [G, BLOCK_T]
-            score = tl.where(t[None, :] <= pos, score, float("-inf"))
-            m_new = tl.maximum(m, tl.max(score, axis=1))
-            p = tl.exp(score - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            vt = tl.load(v_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
-            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
-            l, m = l * alpha + tl.sum(p, axis=1), m_new
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        if SPLITS == 1:
-            tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], (acc / l[:, None]).to(y_ptr.dtype.element_ty))
-        else:  # an empty split (past pos) leaves m = -inf, l = 0, acc = 0: weight 0 when combined
-            part = (b * HKV + h) * SPLITS + split
-            tl.store(acc_ptr + (part * G + g[:, None]) * D + d[None, :], acc)
-            tl.store(ml_ptr + (part * G + g) * 2, m)
-            tl.store(ml_ptr + (part * G + g) * 2 + 1, l)
-
-    @triton.jit
-    def combine_splits_kernel(acc_ptr, ml_ptr, y_ptr, H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """y [B, H D] from the splits' partial sums: each split's share rescaled by exp(its max - the overall max)."""
-        b, h = tl.program_id(0), tl.program_id(1)
-        G: tl.constexpr = H // HKV
-        sp, g, d = tl.arange(0, SPLITS), tl.arange(0, G), tl.arange(0, D)
-        part = ((b * HKV + h) * SPLITS + sp[:, None]) * G + g[None, :]  # [SPLITS, G]
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        m, l = tl.load(ml_ptr + part * 2), tl.load(ml_ptr + part * 2 + 1)
-        w = tl.exp(m - tl.max(m, axis=0)[None, :])  # split 0 always holds position 0, so the max is finite
-        acc = tl.sum(w[:, :, None] * tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :]), axis=0)  # [G, D]
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
-        y = acc / tl.sum(w * l, axis=0)[:, None]
-        tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty))
-
-    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
-    def decode_attention(qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool) -> Tensor:
-        """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
-        [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
-        functionalize a custom op that writes them inside the compiled layer region (torch 2.13).
-        The cache is split into up to SPLITS ranges (flash-decoding) so that about two programs per SM run even when
-        batch x key/value heads is small (Llama 3 8B at batch 1: 8); a second kernel combines them."""
-        (_, HKV, S_MAX, D), B = k_cache.shape, qkv.shape[0]  # the caches may hold more batch rows than this step
-        G = n_head // HKV
-        block_t = max(8, 32 // G)  # q K^T as a [G, BLOCK_T, D] product: about 4K values, no register spills
-        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
-        splits = 1 << (min(triton.cdiv(S_MAX, block_t), max(1, 2 * sms // (B * HKV))).bit_length() - 1)  # a power of 2
-        chunk = triton.cdiv(triton.cdiv(S_MAX, splits), block_t) * block_t
-        y = qkv.new_empty(B, n_head * D)
-        acc = torch.empty(B, HKV, splits, G, D, dtype=torch.float32, device=qkv.device) if splits > 1 else y
-        ml = torch.empty(B, HKV, splits, G, 2, dtype=torch.float32, device=qkv.device) if splits > 1 else y
-        launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
-        decode_attention_kernel[(B, HKV, splits)](
-            qkv, freqs, input_pos, k_cache, v_cache, y, acc, ml, S_MAX, chunk, D**-0.5,
-            H=n_head, HKV=HKV, D=D, BLOCK_T=block_t, SPLITS=splits, PDL=pdl, **launch,
-        )  # fmt: skip
-        if splits > 1:
-            combine_splits_kernel[(B, HKV)](acc, ml, y, H=n_head, HKV=HKV, D=D, SPLITS=splits, PDL=pdl, **launch)
-        return y
-
-    @decode_attention.register_fake
-    def _(qkv, freqs, input_pos, k_cache, v_cache, n_head, pdl):
-        return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
-
-
-def use_decode_attention_kernel(model: Transformer, pdl: bool) -> bool:
-    """Run one-token decode steps' attention on decode_attention_kernel (q's RoPE, q K^T, softmax and the sum over
-    V in one launch, where inductor makes about 6); needs Triton, and power-of-two head size and query heads per
-    key/value head."""
-    attn = model.layers[0].attention  # heads per process under tensor parallel
-    G, D = attn.n_head // attn.n_local_heads, attn.head_dim
-    if triton is None or G & (G - 1) or D & (D - 1):
-        return False
-    for layer in model.layers:
-        layer.attention.decode_kernel_pdl = pdl
-    return True

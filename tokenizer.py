@@ -48,7 +48,9 @@ class TiktokenTokenizer:
 
         ranks = load_tiktoken_ranks(model_path)
         special = {tok: len(ranks) + i for i, tok in enumerate(LLAMA3_SPECIAL)}
-        self.enc = tiktoken.Encoding(Path(model_path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special)
+        self.enc = tiktoken.Encoding(
+            Path(model_path).name, pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks, special_tokens=special
+        )
         self.special = special
         self.vocab_size = len(ranks) + len(special)
 
@@ -67,7 +69,9 @@ class TiktokenTokenizer:
     def encode_chat(self, message: str, first_turn: bool = True) -> list[int]:
         """Llama 3 chat format: a user turn, then the assistant header; <|begin_of_text|> only once."""
         header = "<|start_header_id|>{}<|end_header_id|>\n\n"
-        return self.encode(header.format("user") + message.strip() + "<|eot_id|>" + header.format("assistant"), bos=first_turn)
+        return self.encode(
+            header.format("user") + message.strip() + "<|eot_id|>" + header.format("assistant"), bos=first_turn
+        )
 
     def end_of_turn(self) -> list[int]:
         return [self.special["<|eot_id|>"]]

@@ -25,14 +25,22 @@ def maybe_init_dist(device_type: str = "cuda") -> Optional[int]:
     if device_type == "cuda":
         torch.cuda.set_device(rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", rank=int(os.environ["RANK"]), world_size=world_size)
+        dist.init_process_group(
+            "nccl" if device_type == "cuda" else "gloo", rank=int(os.environ["RANK"]), world_size=world_size
+        )
     return rank
 
 
 def check_divisible(config, world_size: int) -> None:
-    for what, n in (("attention heads", config.n_head), ("key/value heads", config.n_local_heads), ("intermediate size", config.intermediate_size)):
+    for what, n in (
+        ("attention heads", config.n_head),
+        ("key/value heads", config.n_local_heads),
+        ("intermediate size", config.intermediate_size),
+    ):
         if n % world_size:
-            raise ValueError(f"{world_size} processes do not divide the model's {n} {what}: use a --nproc_per_node that divides {n}")
+            raise ValueError(
+                f"{world_size} processes do not divide the model's {n} {what}: use a --nproc_per_node that divides {n}"
+            )
 
 
 def shard(t: Tensor, dim: int, rank: int, world: int) -> Tensor:
@@ -40,8 +48,10 @@ def shard(t: Tensor, dim: int, rank: int, world: int) -> Tensor:
 
 
 def shard_linear(lin: nn.Module, style: str, rank: int, world: int, sizes=None) -> None:
-    """style 'col': split output features (optionally per part of sizes, for fused q/k/v); 'row': split input features."""
-    names = {"weight": 0, "scales": 0, "scales_and_zeros": 1} if style == "col" else {"weight": 1, "scales_and_zeros": 0}
+    """style 'col': split output features (per part of sizes, for fused q/k/v); 'row': split input features."""
+    names = (
+        {"weight": 0, "scales": 0, "scales_and_zeros": 1} if style == "col" else {"weight": 1, "scales_and_zeros": 0}
+    )
     for name, dim in names.items():
         t = getattr(lin, name, None)
         if t is None:
@@ -53,7 +63,9 @@ def shard_linear(lin: nn.Module, style: str, rank: int, world: int, sizes=None) 
             new = torch.cat([shard(p, dim, rank, world) for p in parts], dim=dim)
         else:
             if name == "scales_and_zeros" and t.shape[dim] % world:
-                raise ValueError(f"{t.shape[dim]} int4 groups per row do not split over {world} processes: use a smaller --groupsize")
+                raise ValueError(
+                    f"{t.shape[dim]} int4 groups per row do not split over {world} processes: use a smaller --groupsize"
+                )
             new = shard(t, dim, rank, world)
         if isinstance(getattr(lin, name), nn.Parameter):
             setattr(lin, name, nn.Parameter(new, requires_grad=False))
@@ -91,5 +103,7 @@ def apply_tp(model: Transformer) -> None:
                 t = getattr(experts, name, None)
                 if t is not None:
                     new = shard(t.data, dim, rank, world)
-                    setattr(experts, name, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new)
+                    setattr(
+                        experts, name, nn.Parameter(new, requires_grad=False) if isinstance(t, nn.Parameter) else new
+                    )
         ffn.register_forward_hook(all_reduce_output)

@@ -7,7 +7,8 @@ the --kernels chosen) runs on the same tokens, and each step's logits are compar
 rounding shows as a relative error of ~1e-2; a race between kernels or a wrong kernel as one of order 1. Each
 --pdl setting (programmatic dependent launch) is compiled afresh.
 
-    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch] [--no-compile_layer_once] [--no-attention_kernel]
+    python scripts/check_compiled.py --random_init 7B --n_layer 4 [--quantize int8] [--kernels torch]
+        [--no-compile_layer_once] [--no-attention_kernel]
 """
 
 import argparse
@@ -21,8 +22,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate as g  # noqa: E402
+import kernels  # noqa: E402
 import quantize  # noqa: E402
-from model import ModelArgs, Transformer, use_decode_attention_kernel  # noqa: E402
+from model import ModelArgs, Transformer, run_layer  # noqa: E402
 
 
 @torch.no_grad()
@@ -57,7 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--random_init", default="7B", metavar="MODEL_NAME", help="named config of the random model")
     p.add_argument("--n_layer", type=int, default=4, help="layers to keep (fewer compile faster; every layer is alike)")
     p.add_argument("--quantize", choices=["int8", "int4"], default=None, help="quantize the random weights in memory")
-    p.add_argument("--kernels", choices=["auto", "gemv", "torch"], default="auto", help="matmul kernels, as generate.py's flag")
+    p.add_argument(
+        "--kernels", choices=["auto", "gemv", "torch"], default="auto", help="matmul kernels, as generate.py's flag"
+    )
     p.add_argument(
         "--compile_layer_once",
         action=argparse.BooleanOptionalAction,
@@ -71,7 +75,12 @@ def parse_args(argv=None):
         help="as generate.py's flag (on by default on one GPU): decode attention as one Triton kernel",
     )
     p.add_argument("--steps", type=int, default=32, help="decode steps compared")
-    p.add_argument("--pdl", choices=["off", "on", "both"], default="both", help="programmatic dependent launch (inductor's kernels and our int8 kernels)")
+    p.add_argument(
+        "--pdl",
+        choices=["off", "on", "both"],
+        default="both",
+        help="programmatic dependent launch (inductor's kernels and our int8 kernels)",
+    )
     p.add_argument("--tol", type=float, default=0.05, help="largest relative logit error accepted")
     p.add_argument("--seed", type=int, default=0, help="weights and prompt")
     return p.parse_args(argv)
@@ -87,20 +96,24 @@ def main(argv=None):
     if args.quantize:
         quantize.quantize_model(model, args.quantize, 32)
     model = g.place(model, device, torch.bfloat16, use_tp=False, kernels=args.kernels)  # int4 packed for the kernels
-    quantize.use_triton_kernels(model, "torch", pdl=False)  # the reference: the plain PyTorch paths, no Triton kernels
-    model.compile_layer_once = args.compile_layer_once  # eager, a plain call: the reference is unchanged
+    kernels.use_triton_kernels(model, "torch", pdl=False)  # the reference: the plain PyTorch paths, no Triton kernels
+    kernels.store_hidden(model)  # as generate.py compiles
+    model.decode_layer = g.run_layer_once if args.compile_layer_once else run_layer  # eager, a plain call
     prompt = torch.randint(3, 32000, (16,), generator=torch.Generator().manual_seed(args.seed)).int().to(device)
     model.setup_caches(max_batch_size=1, max_seq_length=prompt.numel() + args.steps)
     tokens = g.generate(model, prompt, args.steps, temperature=0)[0][0, prompt.numel() :]  # eager greedy
     ref = stepped_logits(g.model_forward, model, prompt, tokens)
     worst = 0.0
     for pdl in {"off": [False], "on": [True], "both": [False, True]}[args.pdl]:
-        quantize.use_triton_kernels(model, args.kernels, pdl)  # our kernels, launched with PDL or not
-        if args.attention_kernel and not use_decode_attention_kernel(model, pdl):
+        kernels.use_triton_kernels(model, args.kernels, pdl)  # our kernels, launched with PDL or not
+        if args.attention_kernel and not kernels.use_decode_attention_kernel(model, pdl):
             raise SystemExit("error: --attention_kernel does not fit this model's head sizes")
         err, agree = compare(ref, stepped_logits(compiled_step(pdl), model, prompt, tokens))
         worst = max(worst, err)
-        print(f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; argmax agrees on {100 * agree:.0f}%")
+        print(
+            f"pdl {'on' if pdl else 'off'}: max relative logit error {err:.2e} over {args.steps} steps; "
+            f"argmax agrees on {100 * agree:.0f}%"
+        )
     if worst > args.tol:
         raise SystemExit(f"error: compiled decode differs from eager by {worst:.2e} > --tol {args.tol}")
 

@@ -20,7 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, Transformer  # noqa: E402
 from quantize import save_atomic  # noqa: E402
 
-TOP_KEYS = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight", "lm_head.weight": "output.weight"}
+TOP_KEYS = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+}
 LAYER_KEYS = {
     "self_attn.o_proj.weight": "attention.wo.weight",
     "mlp.gate_proj.weight": "feed_forward.w1.weight",
@@ -36,7 +40,10 @@ EXPERT_RE = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight")
 
 def weight_files(checkpoint_dir: Path) -> list[Path]:
     """The checkpoint's tensor files: from an index json when sharded, else the single file."""
-    for index_name, single in (("model.safetensors.index.json", "model.safetensors"), ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
         index = checkpoint_dir / index_name
         if index.is_file():
             try:
@@ -97,15 +104,22 @@ def convert_state_dict(tensors, args: ModelArgs) -> dict:
             experts.setdefault((layer, em.group(2)), {})[int(em.group(1))] = t
             if len(experts[(layer, em.group(2))]) == args.num_experts:
                 parts = experts.pop((layer, em.group(2)))
-                out[f"layers.{layer}.block_sparse_moe.cond_ffn.{em.group(2)}"] = torch.stack([parts[e] for e in range(args.num_experts)])
+                out[f"layers.{layer}.block_sparse_moe.cond_ffn.{em.group(2)}"] = torch.stack(
+                    [parts[e] for e in range(args.num_experts)]
+                )
         elif m and rest == "mlp.experts.gate_up_proj":  # transformers >= 5: [E, 2I, D]
-            out[f"layers.{layer}.block_sparse_moe.cond_ffn.w1"], out[f"layers.{layer}.block_sparse_moe.cond_ffn.w3"] = t.chunk(2, dim=1)
+            out[f"layers.{layer}.block_sparse_moe.cond_ffn.w1"], out[f"layers.{layer}.block_sparse_moe.cond_ffn.w3"] = (
+                t.chunk(2, dim=1)
+            )
         elif m and rest == "mlp.experts.down_proj":
             out[f"layers.{layer}.block_sparse_moe.cond_ffn.w2"] = t
         else:
             raise ValueError(f"unexpected tensor {name!r}: not a Llama, Mistral or Mixtral checkpoint")
     if qkv or experts:
-        raise ValueError(f"incomplete checkpoint: layers {sorted({k if isinstance(k, int) else k[0] for k in [*qkv, *experts]})} lack q/k/v or experts")
+        raise ValueError(
+            f"incomplete checkpoint: layers {sorted({k if isinstance(k, int) else k[0] for k in [*qkv, *experts]})} "
+            "lack q/k/v or experts"
+        )
     if args.tie_embeddings:
         out.pop("output.weight", None)  # the loader ties it to tok_embeddings
     return out
@@ -119,7 +133,10 @@ def check_complete(state_dict: dict, args: ModelArgs) -> None:
     missing = sorted(set(expected) - set(state_dict))
     wrong = [k for k in expected if k in state_dict and state_dict[k].shape != expected[k]]
     if missing or wrong:
-        raise ValueError(f"checkpoint does not match its config: missing {missing[:3]}, wrong shape {wrong[:3]}: is a shard missing or the config wrong?")
+        raise ValueError(
+            f"checkpoint does not match its config: missing {missing[:3]}, wrong shape {wrong[:3]}: "
+            "is a shard missing or the config wrong?"
+        )
 
 
 def copy_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:
@@ -157,8 +174,12 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, o
 def main(argv=None):
     p = argparse.ArgumentParser(description="Convert a Hugging Face checkpoint folder to model.pth.")
     p.add_argument("--checkpoint_dir", type=Path, required=True, help="folder with config.json and the HF weights")
-    p.add_argument("--model_name", type=str, default=None, help="named config to use when the folder has no config.json")
-    p.add_argument("--out_dir", type=Path, default=None, help="where to write model.pth (default: the checkpoint folder)")
+    p.add_argument(
+        "--model_name", type=str, default=None, help="named config to use when the folder has no config.json"
+    )
+    p.add_argument(
+        "--out_dir", type=Path, default=None, help="where to write model.pth (default: the checkpoint folder)"
+    )
     a = p.parse_args(argv)
     try:
         path = convert_hf_checkpoint(a.checkpoint_dir, a.model_name, a.out_dir)

@@ -21,14 +21,21 @@ def download(repo_id: str, hf_token: str | None = None, out_root: Path = Path("c
     except LocalEntryNotFoundError:
         raise SystemExit(f"error: cannot reach the Hugging Face Hub to fetch {repo_id}: check the network") from None
     except HfHubHTTPError as e:
-        raise SystemExit(f"error: download of {repo_id} failed ({str(e).splitlines()[0]}): gated models need --hf_token") from None
+        raise SystemExit(
+            f"error: download of {repo_id} failed ({str(e).splitlines()[0]}): gated models need --hf_token"
+        ) from None
     return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Download a model from the Hugging Face Hub.")
     p.add_argument("--repo_id", type=str, required=True, help="e.g. meta-llama/Llama-2-7b-chat-hf")
-    p.add_argument("--hf_token", type=str, default=os.environ.get("HF_TOKEN"), help="access token for gated models (default: $HF_TOKEN)")
+    p.add_argument(
+        "--hf_token",
+        type=str,
+        default=os.environ.get("HF_TOKEN"),
+        help="access token for gated models (default: $HF_TOKEN)",
+    )
     p.add_argument("--out_root", type=Path, default=Path("checkpoints"), help="folder under which <repo_id> is created")
     a = p.parse_args(argv)
     print(f"Downloaded to {download(a.repo_id, a.hf_token, a.out_root)}")

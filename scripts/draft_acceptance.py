@@ -52,7 +52,10 @@ def main(argv=None):
     y, _ = g.generate(target, prompt, args.max_new_tokens, **sampling)
     alpha = position_acceptance(target, draft, y[0], prompt.numel(), **sampling)
     mean = float(alpha.mean())
-    print(f"acceptance per proposal: mean {mean:.3f} over {alpha.numel()} positions (min {float(alpha.min()):.3f}, max {float(alpha.max()):.3f})")
+    print(
+        f"acceptance per proposal: mean {mean:.3f} over {alpha.numel()} positions "
+        f"(min {float(alpha.min()):.3f}, max {float(alpha.max()):.3f})"
+    )
     print("| k | expected tokens per target forward |\n|---|---|")
     for k in (1, 2, 3, 4, 5, 6, 8):
         print(f"| {k} | {expected_tokens_per_forward(mean, k):.2f} |")

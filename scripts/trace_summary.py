@@ -28,7 +28,9 @@ def summarize(events: list[dict]) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("trace", help="Chrome trace JSON from generate.py --profile")
-    p.add_argument("--steps", type=int, default=None, help="decode steps in the trace (max_new_tokens - 1), for per-step figures")
+    p.add_argument(
+        "--steps", type=int, default=None, help="decode steps in the trace (max_new_tokens - 1), for per-step figures"
+    )
     p.add_argument("--top", type=int, default=30, help="kernels to list, by total time")
     a = p.parse_args(argv)
     try:
@@ -39,9 +41,15 @@ def main(argv=None):
     if not s["launches"]:
         raise SystemExit(f"error: no GPU kernels in {a.trace}: was it profiled on a GPU?")
     busy, span = s["busy_us"], s["span_us"]
-    print(f"{s['launches']} kernel launches, GPU busy {busy / 1e3:.2f} ms of a {span / 1e3:.2f} ms span ({100 * busy / span:.1f}%)")
+    print(
+        f"{s['launches']} kernel launches, GPU busy {busy / 1e3:.2f} ms "
+        f"of a {span / 1e3:.2f} ms span ({100 * busy / span:.1f}%)"
+    )
     if a.steps:
-        print(f"per decode step: {s['launches'] / a.steps:.1f} launches, {s['busy_us'] / a.steps:.1f} us busy, {s['span_us'] / a.steps:.1f} us span")
+        print(
+            f"per decode step: {s['launches'] / a.steps:.1f} launches, {s['busy_us'] / a.steps:.1f} us busy, "
+            f"{s['span_us'] / a.steps:.1f} us span"
+        )
     print("| launches | total us | mean us | % busy | kernel |\n|---|---|---|---|---|")
     for name, (n, total) in sorted(s["by_name"].items(), key=lambda kv: -kv[1][1])[: a.top]:
         print(f"| {n} | {total:.0f} | {total / n:.2f} | {100 * total / s['busy_us']:.1f} | {name[:110]} |")

@@ -6,8 +6,10 @@ import bench
 
 SAMPLE_OUTPUT = """Loaded model in 1.50 s
 Compilation and warm-up: 95.20 s
-Sample 0: 1.2 s total, 200 tokens, time to first token 40.0 ms, decode 170.00 tokens/s, 2250.0 GB/s (75.0% of measured read bandwidth), memory 13.70 GB
-Sample 1: 1.2 s total, 200 tokens, time to first token 38.0 ms, decode 180.00 tokens/s, 2380.0 GB/s (79.0% of measured read bandwidth), memory 13.90 GB
+Sample 0: 1.2 s total, 200 tokens, time to first token 40.0 ms, decode 170.00 tokens/s, 2250.0 GB/s (75.0% of \
+measured read bandwidth), memory 13.70 GB
+Sample 1: 1.2 s total, 200 tokens, time to first token 38.0 ms, decode 180.00 tokens/s, 2380.0 GB/s (79.0% of \
+measured read bandwidth), memory 13.90 GB
 ==========
 Average decode tokens/s: 175.00
 Average time to first token: 39.0 ms
@@ -18,20 +20,34 @@ Measured read bandwidth of this card: 3000 GB/s; achieved 77.2%
 
 def test_parse_reads_every_figure():
     row = bench.parse(SAMPLE_OUTPUT)
-    expected = dict(tok_s=175.0, ms_token=1e3 / 175.0, ttft_ms=39.0, gb_s=2315.0, card_gb_s=3000.0, pct=77.2, compile_s=95.2, load_s=1.5, memory_gb=13.9)
+    expected = dict(
+        tok_s=175.0,
+        ms_token=1e3 / 175.0,
+        ttft_ms=39.0,
+        gb_s=2315.0,
+        card_gb_s=3000.0,
+        pct=77.2,
+        compile_s=95.2,
+        load_s=1.5,
+        memory_gb=13.9,
+    )
     assert row == pytest.approx(expected)
 
 
 def test_matrix_skips_speculation_at_batch_above_one():
-    a = bench.parse_args(["--random_init", "7B", "--speculate", "none", "ngram", "--batch_sizes", "1", "4", "--precisions", "bf16"])
+    a = bench.parse_args(
+        ["--random_init", "7B", "--speculate", "none", "ngram", "--batch_sizes", "1", "4", "--precisions", "bf16"]
+    )
     got = [(s["speculate"], s["batch_size"]) for s in bench.settings(a)]
     assert got == [("none", 1), ("none", 4), ("ngram", 1)]
 
 
 def test_a_small_cpu_matrix_end_to_end(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    bench.main(["--random_init", "stories15M", "--device", "cpu", "--compile", "off", "--precisions", "bf16", "int8"]
-               + ["--max_new_tokens", "8", "--num_samples", "1", "--json", str(out), "--extra", "--precision", "fp32"])  # fmt: skip
+    argv = ["--random_init", "stories15M", "--device", "cpu", "--compile", "off", "--precisions", "bf16", "int8"]
+    bench.main(
+        argv + ["--max_new_tokens", "8", "--num_samples", "1", "--json", str(out), "--extra", "--precision", "fp32"]
+    )
     rows = json.loads(out.read_text())
     assert [r["precision"] for r in rows] == ["bf16", "int8"]
     assert all(r["tok_s"] > 0 and "error" not in r for r in rows)

@@ -40,7 +40,9 @@ def test_layouts_convert_to_matching_logits(layout, tmp_path):
     if layout == "sharded-safetensors":
         assert "model.safetensors.index.json" in files and sum(f.endswith(".safetensors") for f in files) > 1
     assert_same_logits(hf, convert_hf_checkpoint(tmp_path))
-    assert json.loads((tmp_path / "model_config.json").read_text())["n_local_heads"] == 2  # GQA: 8 query heads, 2 key/value heads
+    assert (
+        json.loads((tmp_path / "model_config.json").read_text())["n_local_heads"] == 2
+    )  # GQA: 8 query heads, 2 key/value heads
 
 
 @pytest.mark.parametrize("kind", ["llama2", "mistral", "llama3.1-rope-scaling", "tied-embeddings", "mixtral"])
@@ -53,13 +55,25 @@ def test_cli_and_tokenizer_copy(tmp_path, llama2_tokenizer_path):
     save_hf("llama2", tmp_path)
     (tmp_path / "original").mkdir()
     shutil.copy(llama2_tokenizer_path, tmp_path / "original" / "tokenizer.model")  # where Llama 3 keeps it
-    p = subprocess.run([sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 0, p.stderr
-    assert (tmp_path / "model.pth").is_file() and (tmp_path / "tokenizer.model").read_bytes() == llama2_tokenizer_path.read_bytes()
+    assert (tmp_path / "model.pth").is_file() and (
+        tmp_path / "tokenizer.model"
+    ).read_bytes() == llama2_tokenizer_path.read_bytes()
 
 
 def cli_error(tmp_path) -> str:
-    p = subprocess.run([sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path)], cwd=ROOT, capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "scripts/convert_hf_checkpoint.py", "--checkpoint_dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr, p.stderr
     return p.stderr
 
@@ -94,4 +108,6 @@ def test_unknown_tensor_is_refused(tmp_path):
     from model import ModelArgs
 
     with pytest.raises(ValueError, match="unexpected tensor 'model.layers.0.self_attn.q_norm.weight'"):
-        convert_state_dict([("model.layers.0.self_attn.q_norm.weight", torch.ones(4))], ModelArgs.from_name("stories15M"))
+        convert_state_dict(
+            [("model.layers.0.self_attn.q_norm.weight", torch.ones(4))], ModelArgs.from_name("stories15M")
+        )

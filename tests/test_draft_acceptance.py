@@ -7,7 +7,8 @@ import generate as g
 
 def test_a_draft_identical_to_the_target_is_always_accepted(capsys, tmp_path, llama2_tokenizer_path):
     ckpt = save_checkpoint(random_transformer(tiny_args(block_size=64)), tmp_path / "t")
-    da.main(["--checkpoint_path", ckpt, "--draft_checkpoint_path", ckpt, "--tokenizer_path", llama2_tokenizer_path, "--prompt", "Once upon a time"]
+    da.main(["--checkpoint_path", ckpt, "--draft_checkpoint_path", ckpt, "--tokenizer_path", llama2_tokenizer_path]
+            + ["--prompt", "Once upon a time"]
             + ["--max_new_tokens", "10", "--device", "cpu"])  # fmt: skip
     out = capsys.readouterr().out
     assert out.startswith("acceptance per proposal: mean 1.000 over 10 positions")

@@ -53,7 +53,9 @@ def req(*args):
 def test_loglikelihood_matches_the_model(model, tok):
     lm = ev.GPTFastLM(model, tok, "cpu")
     greedy = lm.generate_until([req("Once upon a time", {"max_gen_toks": 3})])[0]
-    (lp, is_greedy), (lp2, is_greedy2) = lm.loglikelihood([req("Once upon a time", greedy), req("Once upon a time", " zebra")])
+    (lp, is_greedy), (lp2, is_greedy2) = lm.loglikelihood(
+        [req("Once upon a time", greedy), req("Once upon a time", " zebra")]
+    )
     assert is_greedy and not is_greedy2 and lp > lp2
     ids = tok.encode("Once upon a time" + greedy)
     direct = ev.token_logprobs(model, ids, "cpu")[-(len(ids) - len(tok.encode("Once upon a time"))) :].sum()

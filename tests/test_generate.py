@@ -6,7 +6,9 @@ import pytest
 import torch
 from conftest import ROOT, random_transformer, save_checkpoint, tiny_args
 
+import bench
 import generate
+import kernels
 from generate import generate as gen
 from generate import logits_to_probs, ngram_proposal, sample, speculative_decode
 
@@ -123,7 +125,7 @@ def test_greedy_ngram_speculation_equals_plain_greedy(target):
 
 
 def test_speculative_steps_verify_a_fixed_k_and_stop_at_max_new_tokens(target):
-    """Every verification sees k+1 tokens (one compiled shape, no recompiles), and the output is cut at max_new_tokens."""
+    """Every verification sees k+1 tokens (one compiled shape, no recompiles); the output is cut at max_new_tokens."""
     prompt = prompt_ids()
     widths = []
 
@@ -131,7 +133,9 @@ def test_speculative_steps_verify_a_fixed_k_and_stop_at_max_new_tokens(target):
         widths.append(x.shape[1])
         return generate.model_forward(model, x, input_pos)
 
-    spec, _ = gen(target, prompt, 23, draft_model=target, speculate="draft", speculate_k=4, temperature=0, verify_fn=verify)
+    spec, _ = gen(
+        target, prompt, 23, draft_model=target, speculate="draft", speculate_k=4, temperature=0, verify_fn=verify
+    )
     assert spec.tolist() == gen(target, prompt, 23, temperature=0)[0].tolist()  # 1 + 5 x 5 = 26 would overshoot 23
     assert set(widths) == {5}
 
@@ -143,16 +147,16 @@ def test_gb_per_token_counts_only_the_activated_experts():
     gate_bytes = sum(p.numel() * 4 for n, p in moe.named_parameters() if n.endswith(".gate.weight"))
     ffn_bytes = sum(p.numel() * 4 for n, p in dense.named_parameters() if ".feed_forward." in n)
     assert expert_bytes == 4 * ffn_bytes  # sanity: 4 experts of the dense FFN's shape
-    expected = generate.weight_bytes_per_token(dense) - ffn_bytes + expert_bytes // 2 + gate_bytes
-    assert generate.weight_bytes_per_token(moe) == expected
+    expected = bench.weight_bytes_per_token(dense) - ffn_bytes + expert_bytes // 2 + gate_bytes
+    assert bench.weight_bytes_per_token(moe) == expected
 
 
 def test_gb_per_token_leaves_out_the_kv_cache_and_rope_table():
     """The GB/s figure counts weights: the caches, RoPE table and mask that setup_caches adds are not weights."""
     model = random_transformer(tiny_args(), seed=0)
-    before = generate.weight_bytes_per_token(model)
+    before = bench.weight_bytes_per_token(model)
     model.setup_caches(2, 64)
-    assert generate.weight_bytes_per_token(model) == before
+    assert bench.weight_bytes_per_token(model) == before
 
 
 @pytest.mark.parametrize("mode", [None, "int8"])
@@ -163,14 +167,15 @@ def test_gb_per_token_counts_stacked_w1_w3_once(mode):
 
     model = random_transformer(tiny_args(), seed=0)
     model = quantize.quantize_model(model, mode) if mode else model
-    before = generate.weight_bytes_per_token(model)
-    quantize.use_triton_kernels(model, "auto", pdl=False)  # what prepare_for_device does on CUDA
-    assert all(type(layer.feed_forward) is quantize.GatedFeedForward for layer in model.layers)
-    assert generate.weight_bytes_per_token(model) == before
+    before = bench.weight_bytes_per_token(model)
+    kernels.use_triton_kernels(model, "auto", pdl=False)  # what use_kernels does on CUDA
+    assert all(type(layer.feed_forward) is kernels.GatedFeedForward for layer in model.layers)
+    assert bench.weight_bytes_per_token(model) == before
 
 
 def test_pdl_is_off_where_it_cannot_run_and_the_environment_decides_when_set(monkeypatch):
-    """Programmatic dependent launch is a CUDA (Hopper) launch attribute: never asked for on the CPU or, unmeasured, under TP."""
+    """Programmatic dependent launch is a CUDA (Hopper) launch attribute: never asked for on the CPU or, unmeasured,
+    under TP."""
     monkeypatch.delenv("TORCHINDUCTOR_ENABLE_PDL", raising=False)
     assert generate.use_pdl(torch.device("cpu"), use_tp=False) is False
     monkeypatch.setenv("TORCHINDUCTOR_ENABLE_PDL", "1")
@@ -262,23 +267,69 @@ def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkp
     assert generate.parse_args(["--compile"]).compile_layer_once is True
     assert generate.parse_args(["--compile", "--no-compile_layer_once"]).compile_layer_once is False
     assert generate.parse_args([]).compile_layer_once is False
-    argv = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
-    argv += ["--prompt", "Once upon a time", "--temperature", "0", "--max_new_tokens", "6", "--num_samples", "1", "--ignore_eos", "--device", "cpu"]
+    argv = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        "--checkpoint_path",
+        str(checkpoint),
+        "--tokenizer_path",
+        str(llama2_tokenizer_path),
+    ]
+    argv += [
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "6",
+        "--num_samples",
+        "1",
+        "--ignore_eos",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    outs = [subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600) for extra in ([], ["--compile"])]
+    outs = [
+        subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600)
+        for extra in ([], ["--compile"])
+    ]
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     texts = [[line for line in o.stdout.splitlines() if line.startswith("Once upon a time")] for o in outs]
     assert texts[0] == texts[1] and len(texts[0]) == 1
     assert "graphs: 0 from cache, 1 compiled" in outs[1].stdout
 
 
-def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_it(checkpoint, llama2_tokenizer_path, tmp_path):
+def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_it(
+    checkpoint, llama2_tokenizer_path, tmp_path
+):
     """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text;
     a second run with the same cache directory compiles nothing."""
-    argv = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
-    argv += ["--prompt", "Once upon a time", "--temperature", "0", "--max_new_tokens", "6", "--num_samples", "1", "--ignore_eos", "--device", "cpu"]
+    argv = [
+        sys.executable,
+        str(ROOT / "generate.py"),
+        "--checkpoint_path",
+        str(checkpoint),
+        "--tokenizer_path",
+        str(llama2_tokenizer_path),
+    ]
+    argv += [
+        "--prompt",
+        "Once upon a time",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "6",
+        "--num_samples",
+        "1",
+        "--ignore_eos",
+        "--device",
+        "cpu",
+    ]
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
-    outs = [subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600) for extra in ([], ["--compile_prefill"], ["--compile_prefill"])]
+    outs = [
+        subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600)
+        for extra in ([], ["--compile_prefill"], ["--compile_prefill"])
+    ]
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     texts = [[line for line in o.stdout.splitlines() if line.startswith("Once upon a time")] for o in outs]
     assert texts[0] == texts[1] == texts[2] and len(texts[0]) == 1
@@ -298,11 +349,15 @@ def cli_error(capsys, *argv) -> str:
 def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_path):
     tok = ["--tokenizer_path", llama2_tokenizer_path]
     assert "checkpoint not found" in cli_error(capsys, "--checkpoint_path", tmp_path / "nope.pth", *tok)
-    assert "tokenizer file not found" in cli_error(capsys, "--checkpoint_path", checkpoint, "--tokenizer_path", tmp_path / "nope.model")
+    assert "tokenizer file not found" in cli_error(
+        capsys, "--checkpoint_path", checkpoint, "--tokenizer_path", tmp_path / "nope.model"
+    )
     assert "unknown model name 'Llama-9'" in cli_error(capsys, "--random_init", "Llama-9", "--prompt", "5")
     msg = cli_error(capsys, "--checkpoint_path", checkpoint, *tok, "--prompt", "60", "--max_new_tokens", "10")
     assert "exceeds the context length 64" in msg
-    assert "lower --batch_size" in cli_error(capsys, "--checkpoint_path", checkpoint, *tok, "--max_new_tokens", "10", "--batch_size", str(10**9))
+    assert "lower --batch_size" in cli_error(
+        capsys, "--checkpoint_path", checkpoint, *tok, "--max_new_tokens", "10", "--batch_size", str(10**9)
+    )
     truncated = tmp_path / "model.pth"
     truncated.write_bytes(checkpoint.read_bytes()[:2000])
     (tmp_path / "model_config.json").write_bytes((checkpoint.parent / "model_config.json").read_bytes())
@@ -311,9 +366,13 @@ def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_
     assert "--temperature -1.0 is negative" in cli_error(capsys, "--checkpoint_path", checkpoint, "--temperature", "-1")
     assert "--top_k -3 is negative" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_k", "-3")
     assert "--top_p 0.0 is outside" in cli_error(capsys, "--checkpoint_path", checkpoint, "--top_p", "0")
-    assert "--speculate_k -2 must be at least 1" in cli_error(capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2")
+    assert "--speculate_k -2 must be at least 1" in cli_error(
+        capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2"
+    )
     assert "add --compile" in cli_error(capsys, "--checkpoint_path", checkpoint, "--compile_layer_once")
-    assert "--attention_kernel is a CUDA kernel" in cli_error(capsys, "--checkpoint_path", checkpoint, "--attention_kernel", "--device", "cpu")
+    assert "--attention_kernel is a CUDA kernel" in cli_error(
+        capsys, "--checkpoint_path", checkpoint, "--attention_kernel", "--device", "cpu"
+    )
 
 
 class Boom:
@@ -331,13 +390,16 @@ def test_checkpoint_cannot_run_code(capsys, checkpoint, llama2_tokenizer_path, t
 
 def test_cli_error_has_no_traceback(checkpoint, llama2_tokenizer_path):
     p = subprocess.run(
-        [sys.executable, "generate.py", "--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path), "--prompt", "70"],
+        [sys.executable, "generate.py", "--checkpoint_path", str(checkpoint), "--prompt", "70"]
+        + ["--tokenizer_path", str(llama2_tokenizer_path)],
         cwd=ROOT, capture_output=True, text=True,
     )  # fmt: skip
     assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.count("\n") == 1
 
 
-def test_interactive_chat_streams_replies_and_keeps_the_conversation(capsys, monkeypatch, checkpoint, llama2_tokenizer_path):
+def test_interactive_chat_streams_replies_and_keeps_the_conversation(
+    capsys, monkeypatch, checkpoint, llama2_tokenizer_path
+):
     """--interactive wraps each message in the chat template, streams exactly the greedy reply, and the
     second reply is generated from the whole conversation (turn 1 + reply + end of turn + turn 2)."""
     from tokenizer import get_tokenizer
@@ -351,7 +413,8 @@ def test_interactive_chat_streams_replies_and_keeps_the_conversation(capsys, mon
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
-    generate.main(["--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path), "--interactive"]
+    generate.main(["--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
+                  + ["--interactive"]
                   + ["--temperature", "0", "--max_new_tokens", "6"])  # fmt: skip
     streamed = capsys.readouterr().out.split("\n")[1:3]  # the two reply lines, after the model-load line
     tok = get_tokenizer(llama2_tokenizer_path)

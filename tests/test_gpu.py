@@ -23,7 +23,8 @@ def cli(*args: str, timeout: int = 600) -> str:
 
 
 def greedy_text(checkpoint, device: str, *flags: str, new_tokens: int = 60) -> str:
-    out = cli("generate.py", "--checkpoint_path", str(checkpoint), "--device", device, "--prompt", PROMPT, "--temperature", "0",
+    out = cli("generate.py", "--checkpoint_path", str(checkpoint), "--device", device, "--prompt", PROMPT,
+              "--temperature", "0",
               "--num_samples", "1", "--max_new_tokens", str(new_tokens), *flags)  # fmt: skip
     return out[out.index(PROMPT) : out.index("\nSample 0:")]  # the text, between the start-up lines and the figures
 
@@ -57,8 +58,23 @@ def quantize_on(stories, device: str, mode: str, calibration=None) -> dict:
     for f in stories.parent.iterdir():
         if f.is_file():
             (folder / f.name).write_bytes(f.read_bytes())
-    extra = ["--calibration_file", str(calibration), "--calibration_seq_len", "128", "--calibration_samples", "8"] if calibration else []
-    cli("quantize.py", "--checkpoint_path", str(folder / "model.pth"), "--mode", mode, "--groupsize", "32", "--device", device, *extra)
+    extra = (
+        ["--calibration_file", str(calibration), "--calibration_seq_len", "128", "--calibration_samples", "8"]
+        if calibration
+        else []
+    )
+    cli(
+        "quantize.py",
+        "--checkpoint_path",
+        str(folder / "model.pth"),
+        "--mode",
+        mode,
+        "--groupsize",
+        "32",
+        "--device",
+        device,
+        *extra,
+    )
     out = q.output_path(folder / "model.pth", mode, 32)
     return out, torch.load(out, weights_only=True)
 
@@ -154,7 +170,9 @@ def test_greedy_speculative_decoding_equals_plain_greedy(stories, method):
     prompt = story_ids(stories.parent / "tokenizer.model")[:5]
     plain, _ = generate.generate(model, prompt, 80, temperature=0, **steps)
     model.max_seq_length = -1
-    spec, stats = generate.generate(model, prompt, 80, draft_model=draft, speculate=method, speculate_k=4, temperature=0, **steps)
+    spec, stats = generate.generate(
+        model, prompt, 80, draft_model=draft, speculate=method, speculate_k=4, temperature=0, **steps
+    )
     assert torch.equal(spec, plain)
     assert sum(stats["accept_counts"][1:]) > 0  # some proposals were accepted: the verify path ran
 

@@ -5,6 +5,7 @@ import torch
 from conftest import full_logits, random_transformer, rel_err, run_in_triton_interpreter, tiny_args
 from convert_hf_checkpoint import convert_state_dict
 
+from generate import run_layer_once
 from model import ModelArgs, Transformer
 
 HF_CONFIGS = {
@@ -14,7 +15,13 @@ HF_CONFIGS = {
         model_type="llama",
         num_key_value_heads=2,
         rope_theta=500000.0,
-        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
     ),
     "mistral": dict(model_type="mistral", num_key_value_heads=2, sliding_window=None),
     "tied-embeddings": dict(model_type="llama", num_key_value_heads=2, tie_word_embeddings=True),
@@ -60,7 +67,9 @@ def ours_from_hf(model, cfg_dict) -> Transformer:
 def test_logits_match_transformers(kind):
     hf, cfg = hf_model(kind)
     ours = ours_from_hf(hf, cfg)
-    idx = torch.randint(0, 320, (2, 200), generator=torch.Generator().manual_seed(1))  # 200 > 64: past the llama3 rope threshold
+    idx = torch.randint(
+        0, 320, (2, 200), generator=torch.Generator().manual_seed(1)
+    )  # 200 > 64: past the llama3 rope threshold
     with torch.no_grad():
         ref = hf(idx).logits
     assert rel_err(full_logits(ours, idx), ref) < 1e-4
@@ -114,7 +123,16 @@ def test_config_json_beside_checkpoint_wins_over_folder_name(tmp_path):
     folder = tmp_path / "Llama-2-7b"  # the name says 7B; the config says otherwise
     folder.mkdir()
     (folder / "config.json").write_text(
-        json.dumps(dict(model_type="llama", vocab_size=100, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4))
+        json.dumps(
+            dict(
+                model_type="llama",
+                vocab_size=100,
+                hidden_size=64,
+                intermediate_size=96,
+                num_hidden_layers=3,
+                num_attention_heads=4,
+            )
+        )
     )
     args = ModelArgs.from_checkpoint(folder / "model.pth")
     assert (args.n_layer, args.dim, args.vocab_size) == (3, 64, 100)
@@ -135,7 +153,7 @@ def test_sequence_past_block_size_is_refused():
 
 def test_compile_layer_once_traces_one_layer_graph_and_matches_eager():
     model = random_transformer(tiny_args(n_layer=3))
-    model.compile_layer_once = True
+    model.decode_layer = run_layer_once
     prompt, pos = torch.randint(3, 32000, (1, 6), generator=torch.Generator().manual_seed(0)), torch.arange(6)
     ref = full_logits(model, prompt)
     graphs = []
@@ -151,33 +169,40 @@ def test_compile_layer_once_traces_one_layer_graph_and_matches_eager():
     assert len(calls) == 3 and len({n.args[0].target for n in calls}) == 1  # three calls of one layer graph
     torch._dynamo.reset()
     with torch.no_grad():
-        assert rel_err(torch.compile(model, fullgraph=True)(prompt, pos), ref) < 1e-5  # inductor, as generate.py compiles
+        assert (
+            rel_err(torch.compile(model, fullgraph=True)(prompt, pos), ref) < 1e-5
+        )  # inductor, as generate.py compiles
 
 
 def test_materialize_compiles_to_a_stored_buffer_without_a_copy():
     """generate.py's inductor settings lower materialize to "store it": the compiled SwiGLU calls no copy op."""
     from torch._inductor.utils import run_and_get_code
 
-    import model as M
+    import kernels as k
+    from model import FeedForward
 
-    ff = M.FeedForward(tiny_args())
+    ff = FeedForward(tiny_args())
+    k.store_hidden(ff)
     x = torch.randn(1, 1, ff.w1.in_features)
-    M.lower_materialize_to_a_buffer()
+    k.lower_materialize_to_a_buffer()
     torch._dynamo.reset()
-    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):  # a cached graph may predate the lowering
+    with (
+        torch.no_grad(),
+        torch._inductor.config.patch(force_disable_caches=True),
+    ):  # a cached graph may predate the lowering
         out, code = run_and_get_code(torch.compile(ff, fullgraph=True), x)
         assert "gptfast.materialize" not in "".join(code) and rel_err(out, ff(x)) < 1e-6
 
 
 ATTENTION_CHECK = """
-import copy, torch, model as M
+import copy, torch, generate, kernels as k
 from conftest import random_transformer, tiny_args
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.set_grad_enabled(False)
 for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_heads=2, dim=256)):  # MHA, GQA
     plain = random_transformer(tiny_args(vocab_size=512, **kw))
     fast = copy.deepcopy(plain)
-    assert M.use_decode_attention_kernel(fast, pdl=False)
+    assert k.use_decode_attention_kernel(fast, pdl=False)
     tokens = torch.randint(0, 512, (2, 40))
     for m in (plain, fast):
         m.setup_caches(2, 64)  # 64 cache rows: 2 (MHA) and 4 (GQA) ranges, some empty, combined by a second kernel
@@ -185,15 +210,16 @@ for kw in (dict(n_head=4, n_local_heads=4, dim=128), dict(n_head=8, n_local_head
     for i in range(30, 33):
         pos = torch.tensor([i])
         assert rel(fast(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-5, (kw, i)
-    for a, b in zip(fast.layers, plain.layers):  # the caches the kernel's path wrote (k's RoPE and the writes stay in PyTorch) and read
+    for a, b in zip(fast.layers, plain.layers):  # the caches the kernel's path wrote (in PyTorch) and read
         assert rel(a.attention.kv_cache.k_cache, b.attention.kv_cache.k_cache) < 1e-6
         assert rel(a.attention.kv_cache.v_cache, b.attention.kv_cache.v_cache) < 1e-6
-    fast.compile_layer_once = True  # as generate.py compiles the decode step
+    fast.decode_layer = generate.run_layer_once  # as generate.py compiles the decode step
     step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
     pos = torch.tensor([33])
     assert rel(step(fast, tokens[:, 33:34], pos), plain(tokens[:, 33:34], pos)) < 1e-5, kw
     assert rel(fast.layers[1].attention.kv_cache.k_cache, plain.layers[1].attention.kv_cache.k_cache) < 1e-6
-assert not M.use_decode_attention_kernel(random_transformer(tiny_args(dim=96, n_head=2, n_local_heads=2)), pdl=False)  # head 48
+head_48 = random_transformer(tiny_args(dim=96, n_head=2, n_local_heads=2))
+assert not k.use_decode_attention_kernel(head_48, pdl=False)
 print("ok")
 """
 

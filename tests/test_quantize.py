@@ -7,12 +7,15 @@ from conftest import full_logits, random_transformer, rel_err, run_in_triton_int
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import kernels as k
 import quantize as q
 from generate import generate as gen
-from generate import load_model
+from generate import load_model, run_layer_once
 from model import FeedForward, TransformerBlock
 
-shapes = st.tuples(st.integers(1, 24), st.sampled_from([32, 64, 128, 256]), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1))
+shapes = st.tuples(
+    st.integers(1, 24), st.sampled_from([32, 64, 128, 256]), st.floats(1e-3, 1e3), st.integers(0, 2**31 - 1)
+)
 
 
 @settings(max_examples=40, deadline=None)
@@ -84,14 +87,14 @@ def test_cpu_int4_model_compiles_with_one_layer_graph_and_matches_eager():
     model = q.quantize_model(random_transformer(tiny_args(vocab_size=512)), "int4", 32)
     q.prepare_for_device(model, torch.device("cpu"))
     model.setup_caches(1, 16)
-    model.compile_layer_once = True
+    model.decode_layer = run_layer_once
     tokens, pos = torch.randint(0, 512, (1, 1)), torch.tensor([3])
     ref = model(tokens, pos)
     assert rel_err(torch.compile(model, fullgraph=True)(tokens, pos), ref) < 1e-5
 
 
 TRITON_CHECK = """
-import torch, quantize as q
+import torch, kernels as k, quantize as q
 from torch.nn.functional import linear, silu
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
@@ -100,12 +103,14 @@ for M, N, K in [(1, 37, 320), (3, 24, 512), (8, 16, 256)]:  # ragged N and K
     w, w3, x = torch.randn(N, K), torch.randn(N, K), torch.randn(M, K)
     (c, s), (c3, s3) = q.quantize_int8(w), q.quantize_int8(w3)
     ref, ref3 = linear(x, c.float()) * s, linear(x, c3.float()) * s3
-    assert rel(q.gemv(x, c, s, **tile), ref) < 1e-5, (M, N, K)
-    assert rel(q.gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), gated=True, **tile), silu(ref) * ref3) < 1e-5, ("gated", M, N, K)
-    assert rel(q.gemv(x, w, **tile), x @ w.t()) < 1e-6, ("float", M, N, K)  # float weights: no conversion, no scales
-    assert rel(q.gemv(x, torch.cat([w, w3]), gated=True, **tile), silu(x @ w.t()) * (x @ w3.t())) < 1e-5, ("float gated", M, N, K)
+    assert rel(k.gemv(x, c, s, **tile), ref) < 1e-5, (M, N, K)
+    y = k.gemv(x, torch.cat([c, c3]), torch.cat([s, s3]), gated=True, **tile)
+    assert rel(y, silu(ref) * ref3) < 1e-5, ("gated", M, N, K)
+    assert rel(k.gemv(x, w, **tile), x @ w.t()) < 1e-6, ("float", M, N, K)  # float weights: no conversion, no scales
+    y = k.gemv(x, torch.cat([w, w3]), gated=True, **tile)
+    assert rel(y, silu(x @ w.t()) * (x @ w3.t())) < 1e-5, ("float gated", M, N, K)
 codes = torch.arange(-128, 128, dtype=torch.int8).view(2, 128)  # every int8 value, each read back exactly
-assert torch.equal(q.gemv(torch.eye(128), codes, torch.ones(2), BLOCK_N=2, BLOCK_K=128), codes.t().float())
+assert torch.equal(k.gemv(torch.eye(128), codes, torch.ones(2), BLOCK_N=2, BLOCK_K=128), codes.t().float())
 print("ok")
 """
 
@@ -120,36 +125,37 @@ def test_triton_int8_and_float_gemv_match_the_plain_pytorch_fallback():
 def test_int4_gemv_layout_round_trips_and_places_code_i_at_bit_4i_plus_3():
     codes = torch.randint(0, 16, (5, 96), dtype=torch.int32)
     packed, _ = q.pack_int4(codes, torch.ones(5, 3), torch.zeros(5, 3))
-    words = q.pack_int4_gemv(packed)
+    words = k.pack_int4_gemv(packed)
     assert words.dtype == torch.int32 and words.shape == (5, 12)
-    assert torch.equal(q.unpack_int4_gemv(words).int(), codes)
+    assert torch.equal(k.unpack_int4_gemv(words).int(), codes)
     one = torch.zeros(1, 32, dtype=torch.int32)
     one[0, 4 * 7 + 2] = 15  # k = 4 i + j: code 7 of word 2, at bits 31, 0, 1, 2 (it wraps round)
-    word = int(q.pack_int4_gemv(q.pack_int4(one, torch.ones(1, 1), torch.zeros(1, 1))[0])[0, 2]) & 0xFFFFFFFF
+    word = int(k.pack_int4_gemv(q.pack_int4(one, torch.ones(1, 1), torch.zeros(1, 1))[0])[0, 2]) & 0xFFFFFFFF
     assert word == 0x80000007
 
 
 TRITON_INT4_CHECK = """
-import torch, triton, quantize as q
+import torch, triton, kernels as k, quantize as q
 from conftest import prefill_then_decode, random_transformer, tiny_args
 one = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]  # one config: the autotuner runs without benchmarking
-q.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K"])(q.int4_gemv_kernel)
+k.int4_gemv_tuned = triton.autotune(one, key=["M", "N", "K"])(k.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
-for M, N, K, G, warps in [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 128, 1), (1, 5, 768, 256, 2)]:  # ragged N, K
+shapes = [(1, 37, 320, 32, 1), (3, 10, 512, 64, 2), (2, 8, 256, 128, 1), (1, 5, 768, 256, 2)]  # ragged N, K
+for M, N, K, G, warps in shapes:
     packed, sz = q.quantize_int4(torch.randn(2 * N, K), G)
     x, sz = torch.randn(M, K), sz.to(torch.bfloat16)  # the kernel reads the scales as bf16, as on the GPU
     ref = torch.nn.functional.linear(x, q.dequantize_int4(packed, sz, torch.float32))  # [M, 2N]
-    words, tile = q.pack_int4_gemv(packed), dict(BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
-    y = q.gemv(x, words[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: a strided view of the scales
+    words, tile = k.pack_int4_gemv(packed), dict(BLOCK_N=4, BLOCK_C=32 * warps, num_warps=warps)
+    y = k.gemv(x, words[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: a strided view of the scales
     assert rel(y, ref[:, :N]) < 2e-5, (M, N, K, G, rel(y, ref[:, :N]))
-    y = q.gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
+    y = k.gemv(x, words, sz, G, gated=True, **tile)  # silu(w1 x) * w3 x, w1 and w3 stacked
     gated = torch.nn.functional.silu(ref[:, :N]) * ref[:, N:]
     assert rel(y, gated) < 1e-4, ("gated", M, N, K, G, rel(y, gated))
 codes = torch.stack([(torch.arange(32, dtype=torch.int32) % 16).roll(r) for r in range(16)])  # every code at every k
 ones = torch.ones(16, 1)
 packed, sz = q.pack_int4(codes, ones, 8 * ones)  # scale 1, zero 8: the weight is the code
-y = q.gemv(torch.eye(32), q.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
+y = k.gemv(torch.eye(32), k.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
 assert torch.equal(y, codes.t().float()), "every code read back exactly"
 model = q.quantize_model(random_transformer(tiny_args(vocab_size=64)), "int4", 32)
 int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
@@ -158,12 +164,12 @@ for m in int4:
 torch.set_grad_enabled(False)
 tokens = torch.randint(0, 64, (1, 14))
 ref = prefill_then_decode(model, tokens, 12)
-for m in int4:  # what prepare_for_device does on CUDA
-    m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
+for m in int4:  # what use_kernels does on CUDA
+    k.to_int4_gemv(m, m.weight.device)
     m.weight = m.weight.new_empty(0)
-q.use_triton_kernels(model, "auto", pdl=False)
-assert all(type(layer.feed_forward) is q.GatedFeedForward for layer in model.layers)
-q.WeightOnlyInt4Linear.max_rows = 8  # prefill dequantizes from the kernels' layout (the interpreter is slow), decode runs on them
+k.use_triton_kernels(model, "auto", pdl=False)
+assert all(type(layer.feed_forward) is k.GatedFeedForward for layer in model.layers)
+k.Int4GemvLinear.max_rows = 8  # prefill dequantizes from the kernel's layout (the interpreter is slow)
 for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):
     assert rel(a, b) < 1e-4, (i, rel(a, b))
 print("ok")
@@ -179,19 +185,20 @@ def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
 
 
 FLOAT_CHECK = """
-import torch, triton, quantize as q
+import torch, triton, kernels as k, quantize as q
 from conftest import prefill_then_decode, random_transformer, tiny_args
-q.int8_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})], key=["N", "K"])(q.int8_gemv_kernel)
+k.int8_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})], key=["N", "K"])(k.int8_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
 model = random_transformer(tiny_args(vocab_size=512))
 tokens = torch.randint(0, 512, (1, 14))
 torch.set_grad_enabled(False)
 ref = prefill_then_decode(model, tokens, 12)
-q.use_triton_kernels(model, "gemv", pdl=False)  # wo and w2 alone (kernels="auto" fuses float blocks: FUSED_CHECK)
-assert all(type(b.attention.wo) is q.FloatGemvLinear and type(b.feed_forward.w2) is q.FloatGemvLinear for b in model.layers)
-assert all(type(b.attention.wqkv) is torch.nn.Linear and type(b.feed_forward.w1) is torch.nn.Linear for b in model.layers)
-assert type(model.output) is q.FloatGemvLinear
+k.use_triton_kernels(model, "gemv", pdl=False)  # wo and w2 alone (kernels="auto" fuses float blocks: FUSED_CHECK)
+for b in model.layers:
+    assert type(b.attention.wo) is k.FloatGemvLinear and type(b.feed_forward.w2) is k.FloatGemvLinear
+    assert type(b.attention.wqkv) is torch.nn.Linear and type(b.feed_forward.w1) is torch.nn.Linear
+assert type(model.output) is k.FloatGemvLinear
 for i, (a, b) in enumerate(zip(prefill_then_decode(model, tokens, 12), ref)):  # prefill on F.linear, decode on the GEMV
     assert rel(a, b) < 1e-5, (i, rel(a, b))
 print("ok")
@@ -200,19 +207,21 @@ print("ok")
 
 def test_float_wo_and_w2_decode_on_the_triton_gemv_as_on_f_linear():
     """bf16 models on CUDA with kernels="gemv": wo, w2 and the output layer become FloatGemvLinear (inductor's
-    reductions read them below 90%); in Triton's interpreter a float model's logits on them against the plain model's."""
+    reductions read them below 90%); in Triton's interpreter a float model's logits on them against the plain
+    model's."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(FLOAT_CHECK)
 
 
 FUSED_CHECK = """
-import copy, torch, triton, quantize as q
+import copy, torch, triton, generate, kernels as k, quantize as q
 from torch.nn.functional import linear, silu
 from conftest import random_transformer, tiny_args
 one = [triton.Config({"BLOCK_N": 8, "BLOCK_K": 128})]  # one config each: the autotuners run without benchmarking
-q.int8_gemv_tuned = triton.autotune(one, key=["N"])(q.int8_gemv_kernel)
-q.int8_gated_gemv_tuned = triton.autotune(one, key=["N"])(q.int8_gated_gemv_kernel)
-q.int4_gemv_tuned = triton.autotune([triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)], key=["N"])(q.int4_gemv_kernel)
+k.int8_gemv_tuned = triton.autotune(one, key=["N"])(k.int8_gemv_kernel)
+k.int8_gated_gemv_tuned = triton.autotune(one, key=["N"])(k.int8_gated_gemv_kernel)
+one4 = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32}, num_warps=1)]
+k.int4_gemv_tuned = triton.autotune(one4, key=["N"])(k.int4_gemv_kernel)
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
 x, g, r = torch.randn(3, 320), torch.rand(320) + 0.5, torch.randn(3, 80)
@@ -221,34 +230,35 @@ w = torch.randn(80, 320)  # [w1; w3] for the gated kernel
 (c, s), (packed, sz) = q.quantize_int8(w), q.quantize_int4(w, 32)
 sz = sz.to(torch.bfloat16)  # the int4 kernel reads the scales as bf16, as on the GPU
 kinds = {"float": (w, None, 0, w), "int8": (c, s, 0, c.float() * s[:, None]),
-         "int4": (q.pack_int4_gemv(packed), sz, 32, q.dequantize_int4(packed, sz, torch.float32))}
+         "int4": (k.pack_int4_gemv(packed), sz, 32, q.dequantize_int4(packed, sz, torch.float32))}
 for kind, (wk, sk, G, wf) in kinds.items():  # norm on the way in, residual on the way out; gated with norm
     ref, tol = linear(xn, wf), 1e-4 if kind == "int4" else 1e-5  # [3, 80]; int4 subtracts its codes' offsets late
-    assert rel(q.gemv(x, wk, sk, G, norm=g, eps=1e-5, residual=r), ref + r) < tol, kind
-    assert rel(q.gemv(x, wk, sk, G, gated=True, norm=g, eps=1e-5), silu(ref[:, :40]) * ref[:, 40:]) < tol, kind
-def int4_for_the_kernel(model):  # what prepare_for_device does on CUDA
-    for m in model.modules():
+    assert rel(k.gemv(x, wk, sk, G, norm=g, eps=1e-5, residual=r), ref + r) < tol, kind
+    assert rel(k.gemv(x, wk, sk, G, gated=True, norm=g, eps=1e-5), silu(ref[:, :40]) * ref[:, 40:]) < tol, kind
+def int4_for_the_kernel(model):  # what use_kernels does on CUDA
+    for m in list(model.modules()):
         if isinstance(m, q.WeightOnlyInt4Linear):
-            m.kernel, m.packed, m.scales_and_zeros = "triton", q.pack_int4_gemv(m.weight), m.scales_and_zeros.to(torch.bfloat16)
+            k.to_int4_gemv(m, m.weight.device)
     return model
 tokens = torch.randint(0, 64, (1, 16))
 torch.set_grad_enabled(False)  # as generate() runs
-q.WeightOnlyInt4Linear.max_rows = 8  # the 12-row prefill dequantizes rather than crawl through the interpreted kernel
+k.Int4GemvLinear.max_rows = 8  # the 12-row prefill dequantizes rather than crawl through the interpreted kernel
 for kind in ("float", "int8", "int4"):
     plain = random_transformer(tiny_args(vocab_size=64))  # a small output layer: the interpreter is slow
     plain = plain if kind == "float" else int4_for_the_kernel(q.quantize_model(plain, kind, 32))
     fused = copy.deepcopy(plain)
-    q.use_triton_kernels(fused, "auto", pdl=False)
-    assert all(type(b) is q.FusedBlock and type(b.feed_forward) is q.GatedFeedForward for b in fused.layers), kind
+    k.use_triton_kernels(fused, "auto", pdl=False)
+    assert all(type(b) is k.FusedBlock and type(b.feed_forward) is k.GatedFeedForward for b in fused.layers), kind
     for m in (plain, fused):
         m.setup_caches(1, 32)
         m(tokens[:, :12], torch.arange(12), prefill=True)  # 12 rows: the plain path
     for i in range(12, 15):  # decode: one row, the fused kernels
         pos = torch.tensor([i])
         assert rel(fused(tokens[:, i : i + 1], pos), plain(tokens[:, i : i + 1], pos)) < 1e-4, (kind, i)
-    fused.compile_layer_once = True  # compiled as generate.py compiles it: the op's fake function, one layer graph
+    fused.decode_layer = generate.run_layer_once  # as generate.py compiles it: the op's fake function, one layer graph
     step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
-    assert rel(step(fused, tokens[:, 15:16], torch.tensor([15])), plain(tokens[:, 15:16], torch.tensor([15]))) < 1e-4, kind
+    pos = torch.tensor([15])
+    assert rel(step(fused, tokens[:, 15:16], pos), plain(tokens[:, 15:16], pos)) < 1e-4, kind
 print("ok")
 """
 
@@ -262,15 +272,16 @@ def test_fused_blocks_decode_as_the_plain_model():
 
 
 def kernel_layer(lin: torch.nn.Linear, kind: str) -> torch.nn.Module:
-    """lin as use_triton_kernels / prepare_for_device leave it on CUDA (float, int8, or int4 in the GEMV's layout)."""
+    """lin as use_kernels leaves it on CUDA (float, int8, or int4 in the GEMV's layout)."""
     if kind == "float":
-        return q.FloatGemvLinear(lin)
+        return k.FloatGemvLinear(lin)
     if kind == "int8":
         qlin = q.WeightOnlyInt8Linear(lin.in_features, lin.out_features, torch.float32)
         qlin.weight, qlin.scales = q.quantize_int8(lin.weight.data)
+        qlin.__class__ = k.Int8GemvLinear  # as use_triton_kernels does
         return qlin
     qlin = q.int4_layer(lin, *q.quantize_int4(lin.weight.data, 32))
-    qlin.kernel, qlin.packed = "triton", q.pack_int4_gemv(qlin.weight)
+    k.to_int4_gemv(qlin, qlin.weight.device)
     return qlin
 
 
@@ -285,8 +296,10 @@ def test_gated_feed_forward_keeps_one_copy_of_w1_w3_and_the_checkpoint_keys(kind
     with torch.no_grad():  # ref's autograd graph would hold the weights
         ref, keys = ff(x), set(ff.state_dict())
     separate = weakref.ref(getattr(ff.w1, ff.w1.kernel_tensors[0]))
-    gated = q.GatedFeedForward(ff)
-    assert separate() is None, "the separate w1 is freed"  # float: a cat with autograd on would keep it (+5.7 GB, 7B bf16)
+    gated = k.GatedFeedForward(ff)
+    assert separate() is None, (
+        "the separate w1 is freed"
+    )  # float: a cat with autograd on would keep it (+5.7 GB, 7B bf16)
     w_name, s_name, s_dim = gated.w1.kernel_tensors
     w1, w3 = getattr(gated.w1, w_name), getattr(gated.w3, w_name)
     assert w1.data_ptr() == gated.w13.data_ptr() and w3.data_ptr() == gated.w13[96:].data_ptr()
@@ -305,9 +318,9 @@ def test_kernel_modules_keep_tensor_parallels_all_reduce_hook():
     summed = []
     for layer in model.layers:
         layer.feed_forward.register_forward_hook(lambda _m, _i, out: summed.append(out.shape) or out)
-    q.use_triton_kernels(model, "auto", pdl=False)
-    assert all(type(layer.feed_forward) is q.GatedFeedForward for layer in model.layers)
-    q.use_triton_kernels(model, "torch", pdl=False)  # the swapped modules stay; their plain paths run on the CPU
+    k.use_triton_kernels(model, "auto", pdl=False)
+    assert all(type(layer.feed_forward) is k.GatedFeedForward for layer in model.layers)
+    k.use_triton_kernels(model, "torch", pdl=False)  # the swapped modules stay; their plain paths run on the CPU
     model.setup_caches(1, 8)
     model(torch.randint(0, 64, (1, 4)), torch.arange(4))
     assert len(summed) == len(model.layers)
@@ -319,38 +332,54 @@ def test_default_kernels_fuse_blocks_but_never_under_tensor_parallel():
     w1 and w3."""
     pytest.importorskip("triton")
     float_model, int8_model = random_transformer(tiny_args()), q.quantize_model(random_transformer(tiny_args()), "int8")
-    int4_model, tp_model = q.quantize_model(random_transformer(tiny_args()), "int4", 32), random_transformer(tiny_args())
-    for m in int4_model.modules():  # as prepare_for_device leaves them on CUDA
+    int4_model, tp_model = (
+        q.quantize_model(random_transformer(tiny_args()), "int4", 32),
+        random_transformer(tiny_args()),
+    )
+    for m in list(int4_model.modules()):  # as use_kernels leaves them on CUDA
         if isinstance(m, q.WeightOnlyInt4Linear):
-            m.kernel, m.packed = "triton", q.pack_int4_gemv(m.weight)
+            k.to_int4_gemv(m, m.weight.device)
     for layer in tp_model.layers:
         layer.attention.register_forward_hook(lambda _m, _i, out: out)
     for m in (float_model, int8_model, int4_model, tp_model):
-        q.use_triton_kernels(m, "auto", pdl=False)
-    assert all(type(b) is q.FusedBlock for b in float_model.layers + int8_model.layers + int4_model.layers)
-    assert not int4_model.layers[0].attention.wqkv.norm_in_kernel and float_model.layers[0].attention.wqkv.norm_in_kernel
+        k.use_triton_kernels(m, "auto", pdl=False)
+    assert all(type(b) is k.FusedBlock for b in float_model.layers + int8_model.layers + int4_model.layers)
+    assert (
+        not int4_model.layers[0].attention.wqkv.norm_in_kernel and float_model.layers[0].attention.wqkv.norm_in_kernel
+    )
     assert all(type(b) is TransformerBlock and type(b.attention.wqkv) is torch.nn.Linear for b in tp_model.layers)
-    assert all(type(b.attention.wo) is q.FloatGemvLinear for b in tp_model.layers) and type(tp_model.output) is q.FloatGemvLinear
+    assert (
+        all(type(b.attention.wo) is k.FloatGemvLinear for b in tp_model.layers)
+        and type(tp_model.output) is k.FloatGemvLinear
+    )
 
 
 def test_gemv_ops_trace_with_the_output_shape_of_the_kernels():
-    """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled run."""
+    """torch.compile traces the custom ops through their fake functions: a wrong shape there breaks every compiled
+    run."""
     pytest.importorskip("triton")
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     with FakeTensorMode():
-        x, w, s = torch.empty(3, 64, dtype=torch.bfloat16), torch.empty(40, 64, dtype=torch.int8), torch.empty(40, dtype=torch.bfloat16)
-        words, sz = torch.empty(40, 8, dtype=torch.int32), torch.empty(2, 40, 2, dtype=torch.bfloat16)  # int4, K = 64, g32
+        x, w, s = (
+            torch.empty(3, 64, dtype=torch.bfloat16),
+            torch.empty(40, 64, dtype=torch.int8),
+            torch.empty(40, dtype=torch.bfloat16),
+        )
+        words, sz = (
+            torch.empty(40, 8, dtype=torch.int32),
+            torch.empty(2, 40, 2, dtype=torch.bfloat16),
+        )  # int4, K = 64, g32
         for pdl in (False, True):
             for weights in ((w, s, 0), (w.to(torch.bfloat16), None, 0), (words, sz, 32)):
-                assert q.gemv_op(x, *weights, pdl).shape == (3, 40)
-                y = q.gemv_op(x, *weights, pdl, True, x[0], 1e-5)  # gated, with a norm
+                assert k.gemv_op(x, *weights, pdl).shape == (3, 40)
+                y = k.gemv_op(x, *weights, pdl, True, x[0], 1e-5)  # gated, with a norm
                 assert y.shape == (3, 20) and y.dtype == torch.bfloat16
 
 
 def test_unknown_kernels_choice_is_a_clear_error():
     with pytest.raises(ValueError, match="kernels='gated': use auto, gemv or torch"):
-        q.prepare_for_device(FeedForward(tiny_args()), torch.device("cpu"), "gated")
+        k.use_kernels(FeedForward(tiny_args()), torch.device("cpu"), "gated")
 
 
 @pytest.fixture(scope="module")
@@ -512,7 +541,7 @@ def test_weights_the_quantizer_did_not_see_stop_the_save(model_pair, tmp_path, m
 
     def load_with_kernel_layers(p):
         m = load(p)
-        q.use_triton_kernels(m, "gemv", pdl=False)  # wo, w2 and output become FloatGemvLinear
+        k.use_triton_kernels(m, "gemv", pdl=False)  # wo, w2 and output become FloatGemvLinear
         return m
 
     monkeypatch.setattr(q, "load_checkpoint_model", load_with_kernel_layers)

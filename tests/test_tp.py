@@ -69,7 +69,17 @@ def test_torchrun_cli_matches_single_process(tmp_path, llama2_tokenizer_path):
     model = random_transformer(tiny_args(), seed=0)
     path = save_checkpoint(model, tmp_path)
     args = ["--checkpoint_path", str(path), "--tokenizer_path", str(llama2_tokenizer_path), "--device", "cpu"]
-    args += ["--prompt", "Hello there", "--temperature", "0", "--max_new_tokens", "10", "--num_samples", "1", "--ignore_eos"]
+    args += [
+        "--prompt",
+        "Hello there",
+        "--temperature",
+        "0",
+        "--max_new_tokens",
+        "10",
+        "--num_samples",
+        "1",
+        "--ignore_eos",
+    ]
 
     def text(cmd):
         p = subprocess.run(cmd + args, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -86,7 +96,19 @@ def test_torchrun_cli_matches_single_process(tmp_path, llama2_tokenizer_path):
 def test_torchrun_with_indivisible_heads_is_a_clear_error(tmp_path, llama2_tokenizer_path):
     path = save_checkpoint(random_transformer(tiny_args(n_head=3, n_local_heads=3, dim=48), seed=0), tmp_path)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "generate.py"]
-    cmd += ["--checkpoint_path", str(path), "--tokenizer_path", str(llama2_tokenizer_path), "--device", "cpu", "--prompt", "4"]
+    cmd += [
+        "--checkpoint_path",
+        str(path),
+        "--tokenizer_path",
+        str(llama2_tokenizer_path),
+        "--device",
+        "cpu",
+        "--prompt",
+        "4",
+    ]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode != 0
-    assert "error: 2 processes do not divide the model's 3 attention heads: use a --nproc_per_node that divides 3\n" in p.stderr
+    assert (
+        "error: 2 processes do not divide the model's 3 attention heads: use a --nproc_per_node that divides 3\n"
+        in p.stderr
+    )

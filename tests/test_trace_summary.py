@@ -14,7 +14,11 @@ def test_summary_counts_launches_busy_time_and_ranks_kernels(tmp_path):
     events.append({"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 500})  # host events are not GPU time
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": events}))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/trace_summary.py"), str(trace), "--steps", "2"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/trace_summary.py"), str(trace), "--steps", "2"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     assert lines[0] == "4 kernel launches, GPU busy 0.06 ms of a 0.07 ms span (91.4%)"
@@ -25,12 +29,18 @@ def test_summary_counts_launches_busy_time_and_ranks_kernels(tmp_path):
 def test_a_trace_without_gpu_kernels_is_a_one_line_error(tmp_path):
     trace = tmp_path / "t.json"
     trace.write_text(json.dumps({"traceEvents": [{"ph": "X", "cat": "cpu_op", "name": "aten::mm", "ts": 0, "dur": 5}]}))
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/trace_summary.py"), str(trace)], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/trace_summary.py"), str(trace)], capture_output=True, text=True
+    )
     assert out.returncode == 1
     assert out.stderr.strip().startswith("error: no GPU kernels") and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_a_missing_trace_is_a_one_line_error(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "scripts/trace_summary.py"), str(tmp_path / "nope.json")], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/trace_summary.py"), str(tmp_path / "nope.json")],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 1
     assert out.stderr.startswith("error: cannot read trace") and len(out.stderr.strip().splitlines()) == 1

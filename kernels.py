@@ -1,0 +1,754 @@
+"""The fast path: our Triton kernels, their custom ops, and use_kernels, which swaps the model's modules for them.
+
+model.py and quantize.py are plain PyTorch and run anywhere. After loading (and tensor-parallel sharding), on a
+CUDA GPU, use_kernels gives decode steps (a few rows) our Triton GEMVs: float, int8 and int4 weights, w1 and w3 as
+one gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); use_decode_attention_kernel runs a
+decode step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
+"""
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from model import Attention, ConditionalFeedForward, FeedForward, Transformer, TransformerBlock
+from quantize import (
+    DEQUANT_MIN_ROWS,
+    WeightOnlyInt4Linear,
+    WeightOnlyInt8Linear,
+    dequantize_codes,
+    int4_fits,
+    set_module,
+    unpack_int4,
+)
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: the plain path
+    triton = None
+
+GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
+
+
+# ---------------------------------------------------------------- the int4 GEMV's weight layout
+
+
+def int4_gemv_shift(i: int) -> int:
+    """Bit position of code i in a word of the Triton int4 GEMV's layout: 4 i + 3, mod 32 (code 7 wraps round)."""
+    return (4 * i + 3) % 32
+
+
+def pack_int4_gemv(packed: Tensor) -> Tensor:
+    """Checkpoint codes uint8 [N, K/2] -> the Triton int4 GEMV's int32 [N, K/8]: word j of each 32-wide chunk of k
+    holds the codes of k = 4 i + j (i = 0..7) at bits int4_gemv_shift(i). Needs K % 32 == 0."""
+    q = unpack_int4(packed)
+    N, K = q.shape
+    q = q.view(N, K // 32, 8, 4)  # [N, chunk, i, j]
+    words = torch.zeros(N, K // 32, 4, dtype=torch.int64, device=q.device)
+    for i in range(8):
+        words |= q[:, :, i].to(torch.int64) << int4_gemv_shift(i)
+    words = (words | (words >> 32)) & 0xFFFFFFFF  # code 7's top bits, above bit 31, wrap round to bits 0-2
+    return (words - (words >> 31 << 32)).to(torch.int32).view(N, K // 8)  # uint32 bits as int32
+
+
+def unpack_int4_gemv(words: Tensor) -> Tensor:
+    """The Triton int4 GEMV's int32 [N, K/8] -> codes uint8 [N, K] (prefill reads the weights back out of it)."""
+    N, W = words.shape
+    w = words.view(N, W // 4, 4)
+    q = torch.empty(N, W // 4, 8, 4, dtype=torch.uint8, device=words.device)  # [N, chunk, i, j]
+    for i in range(7):
+        q[:, :, i] = (w >> int4_gemv_shift(i)) & 15
+    q[:, :, 7] = ((w >> 31) & 1) | ((w & 7) << 1)  # code 7: bit 31, then bits 0-2
+    return q.view(N, 8 * W)
+
+
+# ---------------------------------------------------------------- Triton GEMV kernels (decode: a few rows)
+
+if triton is not None:
+
+    @triton.jit
+    def int8_to_float(w):
+        """int8 w as float32 without the int-to-float conversion (1/4 of the FMA rate): w + 128 is the byte of w with
+        its top bit flipped, and 0x4B000000 | (w + 128) are the bits of the float 2**23 + w + 128; so one XOR of the
+        zero-extended byte and one subtraction (exact): fewer instructions per weight in the GEMV loop."""
+        u = w.to(tl.uint8, bitcast=True).to(tl.int32)
+        return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128
+
+    @triton.jit
+    def load_x(x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
+        """x[m, k] as float32; with NORM times the norm weight g[k], and x^2 summed into sq for the row's 1/rms."""
+        x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
+        if NORM:
+            sq += x * x
+            x *= tl.load(g_ptr + k, mask=k < K, other=0.0).to(tl.float32)
+        return x, sq
+
+    @triton.jit
+    def int8_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = scales[n] * sum_k x[m, k] * w[n, k]; one program per (row m, BLOCK_N outputs). Float weights
+        (float_gemv) take the same loop without the conversion and the scales.
+        PDL: launched with programmatic dependent launch, so it waits here for the kernel before it to finish.
+        NORM: x is RMS-normalized (weight g) first; 1/rms is one number per row, applied after the sum, so x is
+        read once. RESIDUAL: y += r[m, n] as it is stored."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)  # reduced once at the end
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            w = tl.load(
+                w_ptr + offs_n[:, None] * K + k[None, :], mask=(offs_n[:, None] < N) & (k[None, :] < K), other=0
+            )
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            if w_ptr.dtype.element_ty == tl.int8:
+                acc += int8_to_float(w) * x[None, :]
+            else:
+                acc += w.to(tl.float32) * x[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()  # the next kernel may start its launch while this one stores
+        y = tl.sum(acc, axis=1)
+        if w_ptr.dtype.element_ty == tl.int8:
+            y *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if NORM:
+            y *= tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+        if RESIDUAL:
+            y += tl.load(r_ptr + m * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    _c8 = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
+        for n in (2, 4, 8, 16, 32)
+        for k in (256, 512, 1024, 2048)
+        for w in (4, 8)
+    ]
+    int8_gemv_tuned = triton.autotune(
+        [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"]
+    )(int8_gemv_kernel)
+
+    @triton.jit
+    def int8_gated_gemv_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, g_ptr, r_ptr, N, K, eps,
+        BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        """SwiGLU's first half: y[m, n] = silu(a) * b, where a and b are the GEMVs of rows n and N + n of
+        w [2N, K] (w1 then w3; int8, or float without scales). One launch reads both matrices; no [M, 2N]
+        intermediate is written. PDL and NORM as in int8_gemv_kernel; no RESIDUAL."""
+        m, pid_n = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        acc_a = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_b = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        sq = tl.zeros([BLOCK_K], dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            mask = (offs_n[:, None] < N) & (k[None, :] < K)
+            rows = offs_n[:, None] * K + k[None, :]
+            wa = tl.load(w_ptr + rows, mask=mask, other=0)
+            wb = tl.load(w_ptr + N * K + rows, mask=mask, other=0)
+            x, sq = load_x(x_ptr, g_ptr, m, k, K, sq, NORM)
+            if w_ptr.dtype.element_ty == tl.int8:
+                wa, wb = int8_to_float(wa), int8_to_float(wb)
+            acc_a += wa.to(tl.float32) * x[None, :]
+            acc_b += wb.to(tl.float32) * x[None, :]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        a, b = tl.sum(acc_a, axis=1), tl.sum(acc_b, axis=1)
+        if w_ptr.dtype.element_ty == tl.int8:
+            a *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+            b *= tl.load(s_ptr + N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
+        if NORM:
+            inv_rms = tl.rsqrt(tl.sum(sq, axis=0) / K + eps)
+            a, b = a * inv_rms, b * inv_rms
+        tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
+
+    _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
+    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(int8_gated_gemv_kernel)
+
+    @triton.jit
+    def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
+        """part [BLOCK_C, BLOCK_N, 4] += the two codes that a rotation of w by 8 r bits brings to bits 19-22 and 15-18,
+        as 1 + q/16 and 1 + q/256 (the mantissa of 1.0 OR'ed with them), times x and 16 x."""
+        v = w
+        if r > 0:
+            v = (w << (8 * r)) | (w >> (32 - 8 * r))
+        part += ((v & 0x00780000) | EXP).to(tl.float32, bitcast=True) * x_hi[:, None, :]
+        return part + ((v & 0x00078000) | EXP).to(tl.float32, bitcast=True) * x_lo16[:, None, :]
+
+    @triton.jit
+    def int4_chunk_sum(part, sz, sum_hi, sum_lo):
+        """A chunk's contribution to each row from its part and the chunk's sums of x over the hi and lo codes:
+        sum x * q = 16 sum(part) - 16 sum_hi - 256 sum_lo, and w = (q - 8) * scale + zero (sz: bf16 pair as int32)."""
+        s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
+        z = (sz & -65536).to(tl.float32, bitcast=True)
+        return s * (16.0 * tl.sum(part, axis=2) - (24.0 * sum_hi + 264.0 * sum_lo)) + z * (sum_hi + sum_lo)
+
+    @triton.jit
+    def int4_gemv_kernel(
+        x_ptr, w_ptr, sz_ptr, y_ptr, g_ptr, r_ptr, M, N, K, SZ_STRIDE, EXP, eps, GROUP: tl.constexpr,
+        BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr, GATED: tl.constexpr, NORM: tl.constexpr,
+        RESIDUAL: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum_k x[m, k] * ((q[n, k] - 8) * s[n, k // G] + z[n, k // G]), for the M rows of x in turn (the
+        weights are re-read from L1); one program per BLOCK_N outputs, a thread per 32-wide chunk of k and BLOCK_N rows,
+        so each x it loads serves BLOCK_N rows. GATED: SwiGLU's silu(w1 x) * w3 x, w1 and w3 being rows n and N + n.
+        w: int32 [N, K/8] (pack_int4_gemv): word j of chunk c holds the codes of k = 32 c + 4 i + j, i = 0..7, so
+        that code i of a chunk's 4 words meets 4 contiguous x. sz: the checkpoint's [K/G, N, 2] bf16 (scale, zero)
+        pairs, read as int32 [K/G, N] whose rows are SZ_STRIDE apart (2 N for [w1; w3], or for a view of either).
+        A code becomes a float without a conversion: moved to bits 19-22 (15-18) and OR'ed with EXP = 0x3F800000 it
+        reads as 1 + q/16 (1 + q/256). Codes sit at bits 4i+3 (mod 32), so a rotation
+        by 0, 8, 16 or 24 bits brings two of them there at once: 1 rotation, 2 LOP3 and 2 FMA per 2 weights.
+        EXP is an argument so that AND and OR make one LOP3.
+        PDL, NORM and RESIDUAL as in int8_gemv_kernel (no RESIDUAL when GATED). NORM's work per x is amortized over
+        only BLOCK_N rows, which makes the loop much longer: FusedBlock normalizes before it instead."""
+        pid_n = tl.program_id(0)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows = offs_n < N
+        cc, j = tl.arange(0, BLOCK_C), tl.arange(0, 4)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+        for m in range(M):
+            acc_a = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)  # reduced once at the end
+            acc_b = tl.zeros([BLOCK_C, BLOCK_N], dtype=tl.float32)
+            sq = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+            for c0 in range(0, K // 32, BLOCK_C):
+                c = c0 + cc
+                live = c < K // 32
+                w_off = (
+                    offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :]
+                )  # [BLOCK_C, BLOCK_N, 4]
+                w_mask = rows[None, :, None] & live[:, None, None]
+                sz_off, sz_mask = (
+                    (c // (GROUP // 32))[:, None] * SZ_STRIDE + offs_n[None, :],
+                    rows[None, :] & live[:, None],
+                )
+                wa = tl.load(w_ptr + w_off, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                sza = tl.load(sz_ptr + sz_off, mask=sz_mask, other=0)
+                if GATED:
+                    wb = tl.load(w_ptr + N * (K // 8) + w_off, mask=w_mask, other=0).to(tl.uint32, bitcast=True)
+                    szb = tl.load(sz_ptr + N + sz_off, mask=sz_mask, other=0)
+                part_a = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
+                part_b = tl.zeros([BLOCK_C, BLOCK_N, 4], dtype=tl.float32)
+                sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+                sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
+                k = 32 * c[:, None] + j[None, :]  # [BLOCK_C, 4]
+                for r in tl.static_range(
+                    4
+                ):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
+                    k_hi, k_lo = k + 4 * ((4 - 2 * r) % 8), k + 4 * ((11 - 2 * r) % 8)
+                    x_hi = tl.load(x_ptr + m * K + k_hi, mask=live[:, None], other=0.0).to(tl.float32)
+                    x_lo = tl.load(x_ptr + m * K + k_lo, mask=live[:, None], other=0.0).to(tl.float32)
+                    if NORM:  # as load_x does; x is read here once per BLOCK_N rows
+                        sq += x_hi * x_hi + x_lo * x_lo
+                        x_hi *= tl.load(g_ptr + k_hi, mask=live[:, None], other=0.0).to(tl.float32)
+                        x_lo *= tl.load(g_ptr + k_lo, mask=live[:, None], other=0.0).to(tl.float32)
+                    sum_hi += x_hi
+                    sum_lo += x_lo
+                    part_a = int4_pair_dot(part_a, wa, r, x_hi, 16.0 * x_lo, EXP)
+                    if GATED:
+                        part_b = int4_pair_dot(part_b, wb, r, x_hi, 16.0 * x_lo, EXP)
+                s_hi, s_lo = tl.sum(sum_hi, axis=1)[:, None], tl.sum(sum_lo, axis=1)[:, None]  # [BLOCK_C, 1]
+                acc_a += int4_chunk_sum(part_a, sza, s_hi, s_lo)
+                if GATED:
+                    acc_b += int4_chunk_sum(part_b, szb, s_hi, s_lo)
+            y = tl.sum(acc_a, axis=0)
+            if NORM:
+                inv_rms = tl.rsqrt(tl.sum(tl.sum(sq, axis=1), axis=0) / K + eps)
+                y *= inv_rms
+            if GATED:
+                b = tl.sum(acc_b, axis=0)
+                if NORM:
+                    b *= inv_rms
+                y = y * tl.sigmoid(y) * b
+            if RESIDUAL:
+                y += tl.load(r_ptr + m * N + offs_n, mask=rows, other=0.0).to(tl.float32)
+            tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=rows)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+
+    # 4 rows per thread (8 would pass the scales through shared memory); warps side by side along k
+    _c4 = [triton.Config({"BLOCK_N": 4, "BLOCK_C": 32 * w}, num_warps=w) for w in (1, 2, 4, 8)]
+    int4_gemv_tuned = triton.autotune(_c4, key=["M", "N", "K", "GROUP", "GATED", "NORM"])(int4_gemv_kernel)
+    # One row (decode) takes a fixed tile: the autotuner times each tile alone with weights partly in L2, and its pick
+    # varied between processes; on cold weights in a graph of a step's GEMVs, 2 warps was the best on every shape.
+    INT4_DECODE_TILE = {"BLOCK_N": 4, "BLOCK_C": 64, "num_warps": 2}
+
+
+def gemv(
+    x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groupsize: int = 0, pdl: bool = False, gated: bool = False,
+    norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None, **config,
+) -> Tensor:  # fmt: skip
+    """Our Triton GEMVs: x [M, K] (M small) against w, by its dtype: float [N, K]; int8 [N, K] with scales [N]; or int4
+    codes int32 [N, K/8] (pack_int4_gemv) with the checkpoint's scales_and_zeros [K/G, N, 2] (bf16) -> y [M, N].
+    gated: w = [w1; w3] (scales likewise along N) -> silu(w1 x) * w3 x [M, N/2]. norm [K], eps: x RMS-normalized
+    (weight norm) on the way in; residual [M, N]: added on the way out. pdl: launched with programmatic dependent
+    launch (Hopper and later), as inductor launches its own kernels. config fixes the tile (tests), else autotuned
+    (int4 with one row: INT4_DECODE_TILE)."""
+    M, K = x.shape
+    N = w.shape[0] // 2 if gated else w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    g, r = x if norm is None else norm, x if residual is None else residual  # unused pointers when not asked for
+    flags = dict(PDL=pdl, NORM=norm is not None, RESIDUAL=residual is not None)
+    launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
+    if w.dtype == torch.int32:  # int4: one program per BLOCK_N outputs, the M rows in turn
+        config = config or (INT4_DECODE_TILE if M == 1 else {})
+        kernel = int4_gemv_kernel if config else int4_gemv_tuned
+        sz = scales.view(torch.int32)  # may be a view (a gated module's w1): its row stride is an argument
+        grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        kernel[grid](
+            x,
+            w,
+            sz,
+            y,
+            g,
+            r,
+            M,
+            N,
+            K,
+            sz.stride(0),
+            0x3F800000,
+            eps,
+            GROUP=groupsize,
+            GATED=gated,
+            **flags,
+            **launch,
+            **config,
+        )
+    else:  # int8 or float: one program per (row, BLOCK_N outputs)
+        kernel = (
+            (int8_gated_gemv_kernel if gated else int8_gemv_kernel)
+            if config
+            else (int8_gated_gemv_tuned if gated else int8_gemv_tuned)
+        )
+        s = w if scales is None else scales  # float weights: w stands in for the unused scales pointer
+        kernel[lambda meta: (M, triton.cdiv(N, meta["BLOCK_N"]))](
+            x, w, s, y, g, r, N, K, eps, **flags, **launch, **config
+        )
+    return y
+
+
+if triton is not None:
+
+    @torch.library.custom_op("gptfast::gemv", mutates_args=())
+    def gemv_op(
+        x: Tensor, w: Tensor, scales: Optional[Tensor], groupsize: int, pdl: bool, gated: bool = False,
+        norm: Optional[Tensor] = None, eps: float = 0.0, residual: Optional[Tensor] = None,
+    ) -> Tensor:  # fmt: skip
+        """gemv as an opaque op: inductor places it in CUDA graphs without copies and launches it as we do, with PDL
+        when asked (torch 2.11 launches the Triton kernels of a triton_op without it)."""
+        return gemv(x, w, scales, groupsize, pdl, gated, norm, eps, residual)
+
+    @gemv_op.register_fake
+    def _(x, w, scales, groupsize, pdl, gated=False, norm=None, eps=0.0, residual=None):
+        return x.new_empty(x.shape[0], w.shape[0] // 2 if gated else w.shape[0])
+
+
+def decode_gemv(
+    w: Tensor, scales: Optional[Tensor], groupsize: int, pdl: bool, x: Tensor, norm=None, residual=None, gated=False
+) -> Tensor:
+    """x [..., K] through gemv_op, shaped back to [..., N]; norm: an RMSNorm that the kernel applies to x."""
+    rows = x.numel() // x.shape[-1]
+    g, eps = (None, 0.0) if norm is None else (norm.weight, norm.eps)
+    r = None if residual is None else residual.reshape(rows, -1)
+    return gemv_op(x.reshape(rows, -1).contiguous(), w, scales, groupsize, pdl, gated, g, eps, r).view(
+        *x.shape[:-1], -1
+    )
+
+
+# ---------------------------------------------------------------- decode attention in one kernel
+
+if triton is not None:
+
+    @triton.jit
+    def decode_attention_kernel(
+        qkv_ptr, fc_ptr, pos_ptr, k_ptr, v_ptr, y_ptr, acc_ptr, ml_ptr, S_MAX, CHUNK, scale,
+        H: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+        PDL: tl.constexpr,
+    ):  # fmt: skip
+        """One decode step of attention for batch row b, key/value head h and its G = H / HKV query heads, over
+        cache positions [split * CHUNK, (split + 1) * CHUNK) up to pos (the caches [B, HKV, S_MAX, D] already hold
+        this step's k and v): RoPE on the new q, then an online softmax(q K^T * scale) V, BLOCK_T positions at a time.
+        qkv: [B, (H + 2 HKV) D] as wqkv returns it; fc: [D/2, 2] cos, sin at pos. One split writes y [B, H D];
+        several write their unnormalized sums to acc [B, HKV, SPLITS, G, D] and (max, sum) to ml [..., G, 2]."""
+        b, h, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        G: tl.constexpr = H // HKV
+        half, d, g = tl.arange(0, D // 2), tl.arange(0, D), tl.arange(0, G)
+        row = qkv_ptr + b * (H + 2 * HKV) * D
+        cache = (b * HKV + h) * S_MAX * D  # this head's [S_MAX, D] block in either cache
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # qkv, the cache rows and the RoPE row are earlier kernels' outputs
+        pos = tl.load(pos_ptr)
+        c, s = tl.load(fc_ptr + 2 * half).to(tl.float32), tl.load(fc_ptr + 2 * half + 1).to(tl.float32)
+        q_even = row + (h * G + g[:, None]) * D + 2 * half[None, :]  # [G, D/2]: q's interleaved pairs (x0, x1)
+        x0, x1 = tl.load(q_even).to(tl.float32), tl.load(q_even + 1).to(tl.float32)
+        q = tl.reshape(tl.join(x0 * c[None, :] - x1 * s[None, :], x1 * c[None, :] + x0 * s[None, :]), [G, D])  # RoPE
+        q = q.to(qkv_ptr.dtype.element_ty).to(tl.float32) * scale  # rounded to the model's dtype, as SDPA's input is
+        m = tl.full([G], float("-inf"), tl.float32)
+        l = tl.zeros([G], tl.float32)
+        acc = tl.zeros([G, D], tl.float32)
+        for t0 in range(split * CHUNK, tl.minimum((split + 1) * CHUNK, pos + 1), BLOCK_T):
+            t = t0 + tl.arange(0, BLOCK_T)
+            rows = cache + t[:, None] * D + d[None, :]  # [BLOCK_T, D]
+            kt = tl.load(k_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
+            score = tl.sum(q[:, None, :] * kt[None, :, :], axis=2)  # [G, BLOCK_T]
+            score = tl.where(t[None, :] <= pos, score, float("-inf"))
+            m_new = tl.maximum(m, tl.max(score, axis=1))
+            p = tl.exp(score - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            vt = tl.load(v_ptr + rows, mask=t[:, None] <= pos, other=0.0).to(tl.float32)
+            acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * vt[None, :, :], axis=1)
+            l, m = l * alpha + tl.sum(p, axis=1), m_new
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        if SPLITS == 1:
+            tl.store(
+                y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], (acc / l[:, None]).to(y_ptr.dtype.element_ty)
+            )
+        else:  # an empty split (past pos) leaves m = -inf, l = 0, acc = 0: weight 0 when combined
+            part = (b * HKV + h) * SPLITS + split
+            tl.store(acc_ptr + (part * G + g[:, None]) * D + d[None, :], acc)
+            tl.store(ml_ptr + (part * G + g) * 2, m)
+            tl.store(ml_ptr + (part * G + g) * 2 + 1, l)
+
+    @triton.jit
+    def combine_splits_kernel(
+        acc_ptr,
+        ml_ptr,
+        y_ptr,
+        H: tl.constexpr,
+        HKV: tl.constexpr,
+        D: tl.constexpr,
+        SPLITS: tl.constexpr,
+        PDL: tl.constexpr,
+    ):
+        """y [B, H D] from the splits' partial sums: each split's share rescaled by exp(its max - the overall max)."""
+        b, h = tl.program_id(0), tl.program_id(1)
+        G: tl.constexpr = H // HKV
+        sp, g, d = tl.arange(0, SPLITS), tl.arange(0, G), tl.arange(0, D)
+        part = ((b * HKV + h) * SPLITS + sp[:, None]) * G + g[None, :]  # [SPLITS, G]
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        m, l = tl.load(ml_ptr + part * 2), tl.load(ml_ptr + part * 2 + 1)
+        w = tl.exp(m - tl.max(m, axis=0)[None, :])  # split 0 always holds position 0, so the max is finite
+        acc = tl.sum(w[:, :, None] * tl.load(acc_ptr + part[:, :, None] * D + d[None, None, :]), axis=0)  # [G, D]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        y = acc / tl.sum(w * l, axis=0)[:, None]
+        tl.store(y_ptr + b * H * D + (h * G + g[:, None]) * D + d[None, :], y.to(y_ptr.dtype.element_ty))
+
+    @torch.library.custom_op("gptfast::decode_attention", mutates_args=())
+    def decode_attention(
+        qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool
+    ) -> Tensor:
+        """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
+        [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
+        functionalize a custom op that writes them inside the compiled layer region (torch 2.13).
+        The cache is split into up to SPLITS ranges (flash-decoding) so that about two programs per SM run even when
+        batch x key/value heads is small (Llama 3 8B at batch 1: 8); a second kernel combines them."""
+        (_, HKV, S_MAX, D), B = k_cache.shape, qkv.shape[0]  # the caches may hold more batch rows than this step
+        G = n_head // HKV
+        block_t = max(8, 32 // G)  # q K^T as a [G, BLOCK_T, D] product: about 4K values, no register spills
+        sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
+        splits = 1 << (min(triton.cdiv(S_MAX, block_t), max(1, 2 * sms // (B * HKV))).bit_length() - 1)  # a power of 2
+        chunk = triton.cdiv(triton.cdiv(S_MAX, splits), block_t) * block_t
+        y = qkv.new_empty(B, n_head * D)
+        acc = torch.empty(B, HKV, splits, G, D, dtype=torch.float32, device=qkv.device) if splits > 1 else y
+        ml = torch.empty(B, HKV, splits, G, 2, dtype=torch.float32, device=qkv.device) if splits > 1 else y
+        launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
+        decode_attention_kernel[(B, HKV, splits)](
+            qkv, freqs, input_pos, k_cache, v_cache, y, acc, ml, S_MAX, chunk, D**-0.5,
+            H=n_head, HKV=HKV, D=D, BLOCK_T=block_t, SPLITS=splits, PDL=pdl, **launch,
+        )  # fmt: skip
+        if splits > 1:
+            combine_splits_kernel[(B, HKV)](acc, ml, y, H=n_head, HKV=HKV, D=D, SPLITS=splits, PDL=pdl, **launch)
+        return y
+
+    @decode_attention.register_fake
+    def _(qkv, freqs, input_pos, k_cache, v_cache, n_head, pdl):
+        return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+
+
+class KernelAttention(Attention):
+    """Attention whose one-token decode steps run on decode_attention (q's RoPE and softmax(q K^T) V in one launch,
+    where inductor makes about 6); prefill and verify steps take the plain path. Made by use_decode_attention_kernel,
+    which swaps the class of each Attention: the same weights and cache."""
+
+    pdl = False
+
+    def attend(self, qkv: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
+        B, S, _ = qkv.shape
+        if S != 1 or mask is None:
+            return super().attend(qkv, freqs_cis, mask, input_pos)
+        _, _, _, k_all, v_all = self.write_cache(qkv, freqs_cis, input_pos)
+        y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.pdl)
+        return y.view(B, 1, self.n_head * self.head_dim)
+
+
+def use_decode_attention_kernel(model: Transformer, pdl: bool) -> bool:
+    """Give every layer KernelAttention; needs Triton, and power-of-two head size and query heads per key/value head."""
+    attn = model.layers[0].attention  # heads per process under tensor parallel
+    G, D = attn.n_head // attn.n_local_heads, attn.head_dim
+    if triton is None or G & (G - 1) or D & (D - 1):
+        return False
+    for layer in model.layers:
+        layer.attention.__class__ = KernelAttention
+        layer.attention.pdl = pdl
+    return True
+
+
+# ---------------------------------------------------------------- SwiGLU's hidden activations, stored once
+
+
+@torch.library.custom_op("gptfast::materialize", mutates_args=())
+def materialize(x: Tensor) -> Tensor:
+    """A copy of x that torch.compile cannot see through, so that x is computed once and stored (compiled, with
+    lower_materialize_to_a_buffer, the store alone: no copy). At batch-1 decode
+    inductor turns w2's matmul into a reduction whose input, silu(w1 x) * w3 x, it would otherwise recompute in
+    every one of its programs (Mixtral's experts have the same pattern)."""
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def lower_materialize_to_a_buffer() -> None:
+    """Let inductor compile materialize as "store x in a buffer" rather than a call that copies it (one copy kernel
+    per layer fewer). Process-wide, like inductor's own settings; without it the copy runs and results are the same.
+    Inductor's FX-graph cache does not key on lowerings: a graph cached before this was registered keeps its copy."""
+    from torch._inductor.lowering import lowerings, register_lowering  # imported on demand: ~2 s
+
+    op = torch.ops.gptfast.materialize.default
+    if op not in lowerings:
+        register_lowering(op)(lambda x: (x.realize(), x)[1])
+
+
+class Materialize(nn.Module):
+    def forward(self, x: Tensor) -> Tensor:
+        return materialize(x)
+
+
+def store_hidden(model: nn.Module) -> None:
+    """Make each float SwiGLU (and Mixtral's experts) store silu(w1 x) * w3 x once (materialize) for a compiled step;
+    quantized w2 layers are opaque to inductor already."""
+    for m in model.modules():
+        if (type(m) is FeedForward and type(m.w2) is nn.Linear) or isinstance(m, ConditionalFeedForward):
+            m.store_hidden = Materialize()
+
+
+# ---------------------------------------------------------------- layers on the GEMV kernels
+
+
+class GemvLinear(nn.Module):
+    """A linear layer (no bias) whose inputs of at most max_rows rows (decode) run on our Triton GEMV (gemv_op), once
+    use_triton_kernels has set use_triton; kernel_tensors names the weights and scales gemv takes, and the dimension
+    of the scales along the output features (GatedFeedForward stacks w1 and w3 along it)."""
+
+    kernel_tensors: tuple = ("weight", None, 0)
+    max_rows = GEMV_MAX_ROWS
+    use_triton = pdl = False  # set by use_triton_kernels
+    groupsize = 0
+    norm_in_kernel = True  # FusedBlock: the RMSNorm inside this layer's GEMV, else an inductor kernel before it
+
+    def on_gemv(self, x: Tensor) -> bool:
+        return self.use_triton and x.numel() // x.shape[-1] <= self.max_rows
+
+    def gemv(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
+        """x [..., K] -> [..., N] on the kernel; norm (an RMSNorm) applied to x on the way in (by an inductor kernel
+        before it where not norm_in_kernel), residual added on the way out."""
+        if norm is not None and not self.norm_in_kernel:
+            x, norm = norm(x), None
+        w, s, _ = self.kernel_tensors
+        return decode_gemv(
+            getattr(self, w), getattr(self, s) if s else None, self.groupsize, self.pdl, x, norm, residual
+        )
+
+
+class FloatGemvLinear(GemvLinear):
+    """A float linear layer on our GEMV at decode: wo, w2 and the output layer, where inductor's batch-1 reductions
+    read below the card's bandwidth, and all five of a fused block. Made by use_triton_kernels on CUDA; larger
+    inputs use F.linear."""
+
+    def __init__(self, lin: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features, self.weight = lin.in_features, lin.out_features, lin.weight
+        self.use_triton = self.pdl = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gemv(x) if self.on_gemv(x) else F.linear(x, self.weight)
+
+
+class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
+    """An int8 layer whose decode steps run on int8_gemv_kernel. use_triton_kernels swaps the class of each
+    WeightOnlyInt8Linear for it: the same tensors and checkpoint keys."""
+
+    kernel_tensors = ("weight", "scales", 0)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.gemv(x) if self.on_gemv(x) else super().forward(x)
+
+
+class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
+    """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): decode steps and prompts of up to max_rows rows
+    on the kernel; longer prompts read the codes back out of its layout and run one matmul."""
+
+    kernel_tensors = ("packed", "scales_and_zeros", 1)
+    max_rows = DEQUANT_MIN_ROWS
+    norm_in_kernel = False  # slower with it: a norm kernel before it is cheaper (docs/dropped.md)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.on_gemv(x):
+            return self.gemv(x)
+        shape = x.shape
+        x = x.reshape(-1, self.in_features)
+        y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
+        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+
+
+def to_int4_gemv(m: WeightOnlyInt4Linear, device: torch.device) -> None:
+    """Repack an int4 layer's codes for int4_gemv_kernel and make it an Int4GemvLinear; the checkpoint layout is
+    dropped (a prepared model is for inference, not for saving)."""
+    m.__class__ = Int4GemvLinear
+    m.kernel = "triton"
+    m.packed = pack_int4_gemv(m.weight.to(device))
+    m.scales_and_zeros = m.scales_and_zeros.to(device=device, dtype=torch.bfloat16).contiguous()
+    m.weight = m.weight.new_empty(0)
+
+
+class GatedFeedForward(FeedForward):
+    """SwiGLU with w1 and w3 (float, int8, or int4 in the GEMV's layout) stored back to back, w13 [2I, ...] and their
+    scales s13: at decode one Triton kernel gives silu(w1 x) * w3 x, where the plain module takes two GEMVs and an
+    elementwise kernel. w1 and w3 become views of w13 (one copy in memory, the same checkpoint keys). Made by
+    use_triton_kernels on CUDA."""
+
+    def __init__(self, ff: FeedForward):
+        nn.Module.__init__(self)
+        self.w1, self.w2, self.w3, self.store_hidden = ff.w1, ff.w2, ff.w3, ff.store_hidden
+        w_name, s_name, s_dim = ff.w1.kernel_tensors
+        hidden = ff.w1.out_features  # per rank under tensor parallel
+        with torch.no_grad():  # else cat's autograd node would keep the separate float w1 and w3 alive
+            self.register_buffer("w13", torch.cat([getattr(ff.w1, w_name), getattr(ff.w3, w_name)]), persistent=False)
+        self.register_buffer("s13", None, persistent=False)
+        for lin, part in zip((self.w1, self.w3), self.w13.split(hidden), strict=True):
+            setattr(lin, w_name, nn.Parameter(part, requires_grad=False) if isinstance(lin, FloatGemvLinear) else part)
+        if s_name:
+            self.s13 = torch.cat([getattr(ff.w1, s_name), getattr(ff.w3, s_name)], s_dim)
+            for lin, part in zip((self.w1, self.w3), self.s13.split(hidden, s_dim), strict=True):
+                setattr(lin, s_name, part)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(self.gemv(x)) if self.w1.on_gemv(x) and self.w3.on_gemv(x) else super().forward(x)
+
+    def gemv(self, x: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
+        """silu(w1 x) * w3 x [..., I] on the kernel; norm (an RMSNorm) applied to x on the way in."""
+        if norm is not None and not self.w1.norm_in_kernel:
+            x, norm = norm(x), None
+        return decode_gemv(self.w13, self.s13, self.w1.groupsize, self.w1.pdl, x, norm, gated=True)
+
+
+class FusedBlock(TransformerBlock):
+    """A transformer layer whose decode step (at most GEMV_MAX_ROWS rows) runs on four of our kernels plus attention:
+    wqkv and the gated w1/w3 kernel RMS-normalize their input as they read it (int4: a norm kernel before them), wo
+    and w2 add the residual as they store. That removes the add and norm kernels between them. Made by
+    use_triton_kernels, on one GPU."""
+
+    def __init__(self, block: TransformerBlock):
+        nn.Module.__init__(self)
+        self.attention, self.feed_forward = block.attention, block.feed_forward
+        self.attention_norm, self.ffn_norm = block.attention_norm, block.ffn_norm
+
+    def forward(self, x: Tensor, input_pos: Tensor, freqs_cis: Tensor, mask: Optional[Tensor]) -> Tensor:
+        attn, ff = self.attention, self.feed_forward
+        if x.shape[0] * x.shape[1] > GEMV_MAX_ROWS or not attn.wqkv.use_triton:  # prefill: the plain path
+            return super().forward(x, input_pos, freqs_cis, mask)
+        qkv = attn.wqkv.gemv(x, norm=self.attention_norm)
+        h = attn.wo.gemv(attn.attend(qkv, freqs_cis, mask, input_pos), residual=x)  # x + wo(attention)
+        return ff.w2.gemv(ff.gemv(h, norm=self.ffn_norm), residual=h)  # h + w2(silu(w1 h') * w3 h'), h' = ffn_norm(h)
+
+
+# ---------------------------------------------------------------- the swap
+
+
+def use_kernels(model: nn.Module, device, kernels: str = "auto", pdl: bool = False) -> None:
+    """On a CUDA GPU, give the model's decode steps our kernels: int4 layers repacked for the int4 GEMV, then
+    use_triton_kernels. kernels="torch" (and any other device) keeps the plain path: inductor's own kernels, and
+    tinygemm or torch's CPU kernel for int4 (quantize.prepare_for_device). Run it after tensor parallel's sharding."""
+    if kernels not in ("auto", "gemv", "torch"):
+        raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
+    device = torch.device(device)
+    if kernels == "torch" or device.type != "cuda" or triton is None or torch.version.hip is not None:
+        return
+    for m in list(model.modules()):
+        if type(m) is WeightOnlyInt4Linear and m.packed is None and int4_fits(m.in_features, m.groupsize):
+            to_int4_gemv(m, device)
+    use_triton_kernels(model, kernels, pdl)
+    torch.cuda.empty_cache()  # hand back the separate w1/w3 blocks that the gated kernel joined
+
+
+def use_triton_kernels(model: nn.Module, kernels: str, pdl: bool) -> None:
+    """Decode on our Triton kernels: int8 and int4 layers (int4: those repacked for it), and float wo and w2
+    (FloatGemvLinear), and the float output layer. "gemv": the GEMVs alone; "auto": also SwiGLU's w1/w3 as one
+    gated kernel, and the blocks fused (fuses); "torch": none."""
+    for m in list(model.modules()) if kernels != "torch" else ():
+        if type(m) is WeightOnlyInt8Linear:
+            m.__class__ = Int8GemvLinear  # the same tensors; decode steps on int8_gemv_kernel
+    fused = [m for m in model.modules() if fuses(m)] if kernels == "auto" else []  # decided before any layer is swapped
+    fused_parts = {part for b in fused for part in (b.attention, b.feed_forward)}
+    swapped = list(model.modules()) if kernels != "torch" else ()  # after tensor parallel's sharding (nn.Linear)
+    for m in swapped:
+        if not isinstance(m, (Attention, FeedForward, Transformer)):
+            continue
+        # the output layer too: with the last w2 opaque, inductor's fused norm + output reduction was slow
+        for child in ("wqkv", "wo", "w1", "w2", "w3") if m in fused_parts else ("wo", "w2", "output"):
+            lin = getattr(m, child, None)
+            if type(lin) is nn.Linear and lin.bias is None:
+                setattr(m, child, FloatGemvLinear(lin))
+    for m in model.modules():
+        if isinstance(m, GemvLinear):
+            m.use_triton, m.pdl = kernels != "torch", kernels != "torch" and pdl
+    for name, m in list(model.named_modules()) if kernels == "auto" else ():
+        if (
+            type(m) is FeedForward
+            and gemv_ready(m.w1)
+            and type(m.w1) is type(m.w3)
+            and m.w1.groupsize == m.w3.groupsize
+        ):
+            gated = GatedFeedForward(m)
+            gated._forward_hooks.update(m._forward_hooks)  # tensor parallel's all-reduce of the output
+            set_module(model, name, gated)
+    for name, m in list(model.named_modules()):
+        if m in fused and fusable(m):
+            set_module(model, name, FusedBlock(m))
+
+
+def fuses(block: nn.Module) -> bool:
+    """Whether kernels="auto" makes block a FusedBlock: a dense block, not yet swapped, without tensor parallel's
+    all-reduce hooks (they reduce before the residual add)."""
+    ff = getattr(block, "feed_forward", None)
+    return (
+        type(block) is TransformerBlock
+        and type(ff) is FeedForward
+        and not (block.attention._forward_hooks or ff._forward_hooks)
+    )
+
+
+def gemv_ready(lin: nn.Module) -> bool:
+    """A layer with our GEMV for decode: int8, float made FloatGemvLinear, int4 repacked for the Triton kernel."""
+    return isinstance(lin, GemvLinear)
+
+
+def fusable(block: TransformerBlock) -> bool:
+    """wqkv, wo and w2 on our GEMV and the gated feed-forward (an int4 layer the kernel cannot take stays apart)."""
+    attn, ff = block.attention, block.feed_forward
+    return isinstance(ff, GatedFeedForward) and all(gemv_ready(lin) for lin in (attn.wqkv, attn.wo, ff.w2))
