@@ -41,8 +41,8 @@ def needs_gpu(command: str) -> bool:
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    """A folder laid out as the README's paths expect: the demo model under checkpoints/..., its int4 copy, a draft,
-    an HF-format folder to convert, and the text files the commands read."""
+    """A folder laid out as the README's paths expect: the demo model under checkpoints/..., its int8 and
+    int4 copies, a draft, an HF-format folder to convert, and the text files the commands read."""
     tmp_path = tmp_path_factory.mktemp("workspace")
     import transformers
     from convert_hf_checkpoint import convert_hf_checkpoint
@@ -51,7 +51,8 @@ def template(tmp_path_factory):
 
     demo = tmp_path / "demo"
     shutil.copytree(STORIES, demo)
-    quantize_main(["--checkpoint_path", str(demo / "model.pth"), "--mode", "int4", "--device", "cpu"])
+    for mode in ("int8", "int4"):  # the files the README's generate commands read
+        quantize_main(["--checkpoint_path", str(demo / "model.pth"), "--mode", mode, "--device", "cpu"])
     shutil.copytree(STORIES, demo / "draft")
     hf = tmp_path / "hf"
     shape = dict(
