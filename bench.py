@@ -104,10 +104,14 @@ def command(a, s: dict) -> list[str]:
         a.device,
         "--ignore_eos",
     ]
+    if s["precision"] == "bf16":
+        cmd += ["--precision", "bf16"]  # also on the CPU, where generate.py's default is float32
     if a.random_init:
         cmd += ["--random_init", a.random_init]
         if s["precision"] != "bf16":
-            cmd += ["--quantize", s["precision"], "--groupsize", str(a.groupsize)]
+            cmd += ["--quantize", s["precision"]]
+        if "int4" in (s["precision"], s["speculate"].removeprefix("draft-")):
+            cmd += ["--groupsize", str(a.groupsize)]
     else:
         suffix = {"bf16": "model.pth", "int8": "model_int8.pth", "int4": f"model_int4.g{a.groupsize}.pth"}[
             s["precision"]
@@ -187,7 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--speculate_k", type=int, default=5, help="speculated tokens per step")
     p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
-    p.add_argument("--device", default="cuda", help="cuda or cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument(
         "--plot", type=Path, default=None, help="also draw tokens/s per setting to this PNG (needs matplotlib)"
@@ -210,7 +214,9 @@ def main(argv=None):
         rows.append(row)
     print(table(rows))
     if a.json:
-        a.json.write_text(json.dumps(rows, indent=2))
+        from quantize import save_atomic
+
+        save_atomic(json.dumps(rows, indent=2).encode(), a.json, lambda data, f: f.write(data))
     if a.plot:
         plot(rows, a.plot)
 

@@ -130,7 +130,12 @@ def main(argv=None):
     p.add_argument("--tokenizer_path", type=Path, default=None, help="default: tokenizer.model beside the checkpoint")
     p.add_argument("--text_file", type=Path, default=None, help="local UTF-8 text for perplexity")
     p.add_argument("--seq_len", type=int, default=2048, help="perplexity window (capped at the model's context)")
-    p.add_argument("--stride", type=int, default=512, help="new tokens scored per window; the rest is context")
+    p.add_argument(
+        "--stride",
+        type=int,
+        default=None,
+        help="new tokens scored per window, the rest is context (default: 1/4 window)",
+    )
     p.add_argument("--tasks", nargs="+", default=None, help="lm-evaluation-harness task names (needs lm_eval)")
     p.add_argument("--limit", type=int, default=None, help="harness: examples per task")
     p.add_argument("--num_fewshot", type=int, default=None, help="harness: few-shot examples")
@@ -151,6 +156,7 @@ def main(argv=None):
         seq_len = min(a.seq_len, model.config.block_size)
         if seq_len < 2:
             raise ValueError(f"--seq_len {a.seq_len} must be at least 2 (one token of context, one scored)")
+        a.stride = max(seq_len // 4, 1) if a.stride is None else a.stride
         if not 0 < a.stride <= seq_len:
             raise ValueError(
                 f"--stride {a.stride} must be in 1..{seq_len} "

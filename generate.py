@@ -3,6 +3,7 @@
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,8 @@ def decode_n_tokens(
     decode=decode_one_token,
     **sampling_kwargs,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids."""
+    """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids, or when
+    callback (given each new token [B, 1]) returns True."""
     new_tokens, new_probs = [], []
     done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     for _ in range(num_new_tokens):
@@ -99,8 +101,8 @@ def decode_n_tokens(
         input_pos += 1
         new_tokens.append(next_token.clone())  # CUDA-graph outputs are overwritten by the next replay
         new_probs.append(next_prob.clone())
-        if callback is not None:
-            callback(new_tokens[-1])
+        if callback is not None and callback(new_tokens[-1]):  # a stop string
+            break
         cur_token = next_token.clone()
         if stop_ids is not None:
             done |= torch.isin(next_token[:, 0], stop_ids)
@@ -190,7 +192,7 @@ def generate(
     draft_model: Optional[Transformer] = None,
     speculate: Optional[str] = None,
     speculate_k: int = 8,
-    callback: Optional[Callable[[Tensor], None]] = None,
+    callback: Optional[Callable[[Tensor], bool]] = None,
     stop_ids: Optional[list[int]] = None,
     prefill_fn=prefill,
     decode_fn=decode_one_token,
@@ -234,11 +236,10 @@ def generate(
     if draft_model is not None:
         prefill_fn(draft_model, x, input_pos, **sampling_kwargs)
     seq[:, T] = next_token.view(batch_size)
-    if callback is not None:
-        callback(next_token)
+    stopped = callback is not None and callback(next_token)
     stats = {"prefill_end": _now(device)}
     n = 1
-    if stop is not None and bool(torch.isin(next_token, stop).all()):
+    if stopped or (stop is not None and bool(torch.isin(next_token, stop).all())):
         return seq[:, : T + 1], stats
 
     if speculate is None:
@@ -281,10 +282,11 @@ def generate(
         hit = torch.isin(new, stop).nonzero() if stop is not None else new[:0]
         if hit.numel():
             new = new[: int(hit[0]) + 1]  # cut after the first stop token
+        for i, t in enumerate(new if callback is not None else ()):
+            if callback(t.view(1, 1)):  # a stop string: keep the tokens up to it
+                new, hit = new[: i + 1], new[:1]
+                break
         seq[0, T + n : T + n + len(new)] = new
-        if callback is not None:
-            for t in new:
-                callback(t.view(1, 1))
         history = torch.cat([history, new.cpu()])
         n += len(new)
         if hit.numel():
@@ -378,7 +380,18 @@ def parse_args(argv=None):
         "--prompt",
         type=str,
         default="Hello, my name is",
-        help="prompt text, or an integer N for a synthetic prompt of N tokens",
+        help="prompt text, '-' to read it from stdin, or an integer N for a synthetic prompt of N tokens",
+    )
+    p.add_argument("--prompt_file", type=Path, default=None, help="read the prompt from this UTF-8 text file")
+    p.add_argument(
+        "--stop", nargs="+", default=None, metavar="TEXT", help="stop when the output contains any of these strings"
+    )
+    p.add_argument("--system", type=str, default=None, help="with --interactive: a system prompt for the chat")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the text as it comes (default: on when writing to a terminal, with one sequence)",
     )
     p.add_argument(
         "--interactive",
@@ -434,7 +447,9 @@ def parse_args(argv=None):
         default=None,
         help="with --random_init: quantize the random weights in memory",
     )
-    p.add_argument("--groupsize", type=int, default=32, help="with --random_init --quantize int4: group size")
+    p.add_argument(
+        "--groupsize", type=int, default=None, help="with --random_init --quantize int4: group size (default 32)"
+    )
     p.add_argument(
         "--kernels",
         choices=["auto", "gemv", "torch"],
@@ -477,6 +492,9 @@ def parse_args(argv=None):
     check_args(args)
     if args.compile_layer_once is None:  # one compiled layer is --compile's default
         args.compile_layer_once = args.compile
+    args.groupsize = args.groupsize or 32
+    if args.stream is None:  # a terminal sees the text as it comes; pipes and benchmarks get it at the end
+        args.stream = sys.stdout.isatty() and args.batch_size == 1 and not args.interactive
     return args
 
 
@@ -494,6 +512,32 @@ def check_args(args) -> None:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
     if args.attention_kernel and args.device.split(":")[0] != "cuda":
         raise SystemExit(f"error: --attention_kernel is a CUDA kernel: drop it for --device {args.device}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise SystemExit(f"error: --device {args.device} is not supported: use cpu or cuda (cuda:N for one GPU)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
+    for flag in ("quantize", "draft_quantize"):
+        if getattr(args, flag) and not args.random_init:
+            raise SystemExit(
+                f"error: --{flag} quantizes --random_init weights: for a checkpoint, run quantize.py once "
+                "and pass the file it writes (model_int8.pth, model_int4.g32.pth)"
+            )
+    if args.groupsize is not None and "int4" not in (args.quantize, args.draft_quantize):
+        raise SystemExit("error: --groupsize only applies with --quantize int4 (or --draft_quantize int4)")
+    if args.groupsize is not None and args.groupsize not in quantize.GROUPSIZES:
+        raise SystemExit(f"error: --groupsize {args.groupsize} is not one of {quantize.GROUPSIZES}")
+    if args.prompt_file is not None and not args.prompt_file.is_file():
+        raise SystemExit(f"error: --prompt_file {args.prompt_file} is not a file")
+    if args.system is not None and not args.interactive:
+        raise SystemExit("error: --system is the chat's system prompt: add --interactive")
+    if args.interactive and args.batch_size != 1:
+        raise SystemExit("error: --interactive chats one sequence at a time: drop --batch_size")
+    if args.stop and args.batch_size != 1:
+        raise SystemExit("error: --stop checks the text of one sequence: drop --batch_size")
+    if args.stream and args.batch_size != 1:
+        raise SystemExit("error: --stream prints one sequence as it comes: drop --batch_size or --stream")
+    if args.profile is not None and args.interactive:
+        raise SystemExit("error: --profile traces the samples of a run, not a chat: drop one of them")
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
@@ -563,20 +607,60 @@ def load_tokenizer(args, vocab_size: int):
     return tok
 
 
-def encode_prompt(args, tokenizer, vocab_size: int, device) -> Tensor:
+def encode_prompt(args, tokenizer, vocab_size: int) -> Tensor:
     if args.prompt.isdigit():  # synthetic prompt of that many tokens
         g = torch.Generator().manual_seed(args.seed)
-        ids = torch.randint(3, min(vocab_size, 32000), (int(args.prompt),), generator=g)
-    elif tokenizer is None:
+        return torch.randint(3, min(vocab_size, 32000), (int(args.prompt),), generator=g).int()
+    if tokenizer is None:
         raise SystemExit("error: a text prompt needs a tokenizer: pass --tokenizer_path")
-    else:
-        ids = torch.tensor(tokenizer.encode(args.prompt), dtype=torch.int)
-    return ids.to(device=device, dtype=torch.int)
+    return torch.tensor(tokenizer.encode(args.prompt), dtype=torch.int)
 
 
-def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
-    """Refuse, before any work, what cannot fit the context or the memory."""
-    cfg = model.config
+def read_prompt(args) -> str:
+    """The prompt text: --prompt_file, stdin for --prompt -, else --prompt; one-line errors for what is not text."""
+    try:
+        if args.prompt_file is not None:
+            text = args.prompt_file.read_text(encoding="utf-8")
+        elif args.prompt == "-":
+            text = sys.stdin.read()
+        else:
+            text = args.prompt
+        text.encode("utf-8")  # command-line bytes that are not UTF-8 arrive as lone surrogates
+    except UnicodeError:
+        raise SystemExit("error: the prompt is not valid UTF-8 text") from None
+    return text
+
+
+def model_config(args) -> tuple[ModelArgs, int]:
+    """The model's config and the bytes its weights (and a draft's) take in memory, read before anything loads."""
+    precision = resolve_precision(args.precision, torch.device(args.device))
+    if args.random_init:
+        config = ModelArgs.from_name(args.random_init)
+        with torch.device("meta"):
+            n = sum(p.numel() for p in Transformer(config).parameters())
+        return config, n * precision.itemsize * (2 if args.draft_quantize else 1)  # float before quantizing
+    total = 0
+    for path in (args.checkpoint_path, args.draft_checkpoint_path):
+        if path is None:
+            continue
+        tensors = quantize.read_state_dict(path).values()
+        total += sum(t.numel() * (precision.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
+    return ModelArgs.from_checkpoint(args.checkpoint_path), total
+
+
+def free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    if meminfo.is_file():  # MemAvailable counts the page cache the kernel can reclaim
+        for line in meminfo.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def check_fits(args, cfg: ModelArgs, weight_bytes: int, prompt_len: int, device: torch.device, world: int = 1) -> None:
+    """Refuse, before loading anything, what cannot fit the context or the memory."""
     if prompt_len < 1:
         raise SystemExit("error: the prompt is empty: pass some text or a token count of at least 1")
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.num_samples < 1:
@@ -589,17 +673,20 @@ def check_fits(args, model: Transformer, prompt_len: int, device) -> None:
             f"{prompt_len + args.max_new_tokens} "
             f"exceeds the context length {cfg.block_size}: shorten the prompt or lower --max_new_tokens"
         )
-    heads = model.layers[0].attention.n_local_heads  # per rank under tensor parallel
+    itemsize = resolve_precision(args.precision, device).itemsize
     seq = prompt_len + args.max_new_tokens + args.speculate_k + 1
-    kv_bytes = 2 * cfg.n_layer * args.batch_size * heads * cfg.head_dim * seq * model.norm.weight.element_size()
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    if kv_bytes > free:
+    kv_bytes = 2 * cfg.n_layer * args.batch_size * cfg.n_local_heads * cfg.head_dim * seq * itemsize // world
+    weight_bytes //= world
+    free = free_memory(device)
+    if weight_bytes > free:
+        raise SystemExit(
+            f"error: the weights need {weight_bytes / 1e9:.1f} GB on {device} but {free / 1e9:.1f} GB is free: "
+            "use a smaller model, --precision bf16, or an int8 / int4 checkpoint (quantize.py)"
+        )
+    if weight_bytes + kv_bytes > free:
         raise SystemExit(
             f"error: the KV cache for --batch_size {args.batch_size} needs {kv_bytes / 1e9:.1f} GB "
-            f"but {free / 1e9:.1f} GB is free: lower --batch_size"
+            f"but {(free - weight_bytes) / 1e9:.1f} GB is free beside the weights: lower --batch_size"
         )
 
 
@@ -652,20 +739,37 @@ def compile_steps(args, fused_kernels_ok: bool, pdl: bool = False):
     return steps
 
 
-class Streamer:
-    """Prints tokens as they arrive; decodes the whole reply each time so word boundaries come out right."""
+class TextStream:
+    """The reply as text, token by token (a host sync each): printed as it comes when echo, and a stop when it holds
+    one of stop_strings. The whole reply is decoded each time, so word boundaries come out right; the last
+    characters wait until they cannot be the start of a stop string."""
 
-    def __init__(self, tokenizer, stop_ids):
-        self.tokenizer, self.stop_ids, self.ids, self.printed = tokenizer, set(stop_ids or []), [], ""
+    def __init__(self, tokenizer, stop_ids=(), stop_strings=(), echo: bool = True):
+        self.tokenizer, self.stop_ids, self.stop_strings, self.echo = tokenizer, set(stop_ids), stop_strings, echo
+        self.ids, self.text, self.printed, self.stopped = [], "", 0, False
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
 
-    def __call__(self, token: Tensor):
+    def __call__(self, token: Tensor) -> bool:
         t = int(token.view(-1)[0])
-        if t in self.stop_ids:
-            return
+        if self.stopped or t in self.stop_ids:
+            return self.stopped
         self.ids.append(t)
-        text = self.tokenizer.decode(self.ids)
-        print(text[len(self.printed) :], end="", flush=True)
-        self.printed = text
+        self.text = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
+        if cut >= 0:
+            self.text, self.stopped = self.text[:cut], True
+        self.show(len(self.text) if self.stopped else len(self.text) - self.hold)
+        return self.stopped
+
+    def show(self, upto: int) -> None:
+        if self.echo and upto > self.printed:
+            print(self.text[self.printed : upto], end="", flush=True)
+            self.printed = upto
+
+    def finish(self) -> str:
+        """Print what was held back; the reply's text."""
+        self.show(len(self.text))
+        return self.text
 
 
 def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, profile: bool):
@@ -684,21 +788,23 @@ def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, pr
         t1 = time.perf_counter()
     if profile:
         prof.export_chrome_trace(f"{args.profile}.json")
-        print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=25))
+        key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=25))
     stats.update(total=t1 - t0, ttft=stats["prefill_end"] - t0, new_tokens=y.shape[1] - prompt.numel())
     return y, stats
 
 
-def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
+def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 1) -> dict:
     decode_s = stats["total"] - stats["ttft"]
     tok_s = (stats["new_tokens"] - 1) / decode_s if stats["new_tokens"] > 1 else float("nan")
+    total = f" per sequence, {batch_size * tok_s:.2f} in total" if batch_size > 1 else ""
     row = {"tok_s": tok_s, "gb_s": bytes_per_token * tok_s / 1e9, "ttft": stats["ttft"], "total": stats["total"]}
     pct = f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else ""
     mem = f", memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if device.type == "cuda" else ""
     print(
         f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, "
         f"time to first token {row['ttft'] * 1e3:.1f} ms, "
-        f"decode {tok_s:.2f} tokens/s, {row['gb_s']:.1f} GB/s{pct}{mem}"
+        f"decode {tok_s:.2f} tokens/s{total}, {row['gb_s']:.1f} GB/s{pct}{mem}"
     )
     if "accept_counts" in stats:
         counts = stats["accept_counts"]
@@ -708,16 +814,18 @@ def report(i, stats, bytes_per_token, device, bandwidth=None) -> dict:
 
 
 def interactive_loop(model, tokenizer, args, steps, draft, device):
-    """A multi-turn chat: the whole conversation is each reply's prompt; it restarts when it outgrows the context."""
+    """A multi-turn chat: the whole conversation is each reply's prompt; it restarts when it outgrows the context.
+    Ctrl-C stops the reply being written and the chat goes on; Ctrl-C or Ctrl-D at the prompt leaves."""
     stop_ids, history = tokenizer.stop_ids(), []
     while True:
         try:
             message = input("\nWhat is your prompt? ")
-        except EOFError:
+        except (EOFError, KeyboardInterrupt):
+            print()
             return
-        turn = tokenizer.encode_chat(message, first_turn=not history)
+        turn = tokenizer.encode_chat(message, first_turn=not history, system=args.system)
         if history and len(history) + len(turn) + args.max_new_tokens > model.config.block_size:
-            history, turn = [], tokenizer.encode_chat(message, first_turn=True)
+            history, turn = [], tokenizer.encode_chat(message, first_turn=True, system=args.system)
             print("(the conversation no longer fits the context: starting a new one)")
         if len(turn) + args.max_new_tokens > model.config.block_size:
             print(
@@ -726,9 +834,13 @@ def interactive_loop(model, tokenizer, args, steps, draft, device):
             )
             continue
         prompt = torch.tensor(history + turn, dtype=torch.int, device=device)
-        y, _ = run_sample(
-            model, prompt, args, steps, stop_ids, draft, Streamer(tokenizer, stop_ids), device, profile=False
-        )
+        stream = TextStream(tokenizer, stop_ids, args.stop or ())
+        try:
+            y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=False)
+        except KeyboardInterrupt:
+            print("\n(stopped: this turn is left out of the conversation)")
+            continue
+        stream.finish()
         reply = [t for t in y[0, prompt.numel() :].tolist() if t not in stop_ids]
         history = prompt.tolist() + reply + tokenizer.end_of_turn()
         print()
@@ -740,7 +852,14 @@ def main(argv=None):
 
     rank = tp.maybe_init_dist(args.device)
     if rank is None:
-        return run(args, rank)
+        try:
+            return run(args, rank)
+        except KeyboardInterrupt:  # Ctrl-C: leave without a traceback
+            print("\n(interrupted)", file=sys.stderr)
+            sys.exit(130)
+        except BrokenPipeError:  # the reader of our output left (| head): so do we, quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(1)
     code = 0
     try:
         run(args, rank)
@@ -756,12 +875,28 @@ def main(argv=None):
     sys.exit(code)
 
 
+def prepare_prompt(args, rank: Optional[int] = None):
+    """(tokenizer, prompt tokens [T] on the CPU), the prompt and the sizes checked before any model loads."""
+    args.prompt = read_prompt(args)
+    try:
+        config, weight_bytes = model_config(args)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    tokenizer = load_tokenizer(args, config.vocab_size)
+    prompt = encode_prompt(args, tokenizer, config.vocab_size)
+    world = torch.distributed.get_world_size() if rank is not None else 1
+    check_fits(args, config, weight_bytes, prompt.numel(), pick_device(args, rank), world)
+    return tokenizer, prompt
+
+
+def pick_device(args, rank: Optional[int] = None) -> torch.device:
+    return torch.device(f"cuda:{rank}" if rank is not None and args.device == "cuda" else args.device)
+
+
 def setup(args, rank: Optional[int] = None):
     """The device, the models and the step functions the flags ask for (run() and the tests share it)."""
     use_tp = rank is not None
-    device = torch.device(f"cuda:{rank}" if use_tp and args.device == "cuda" else args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
+    device = pick_device(args, rank)
     precision = resolve_precision(args.precision, device)
     pdl = use_pdl(device, use_tp)
     t0 = time.perf_counter()
@@ -781,15 +916,16 @@ def run(args, rank):
     if rank is not None and rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     torch.manual_seed(args.seed)
+    tokenizer, prompt = prepare_prompt(args, rank)
     device, model, draft, steps = setup(args, rank)
-    tokenizer = load_tokenizer(args, model.config.vocab_size)
-    prompt = encode_prompt(args, tokenizer, model.config.vocab_size, device)
-    check_fits(args, model, prompt.numel(), device)
+    prompt = prompt.to(device)
     compiling = args.compile or args.compile_prefill
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
 
     stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids()
+    if args.stop and tokenizer is None:
+        raise SystemExit("error: --stop compares text: a synthetic prompt has no tokenizer (pass --tokenizer_path)")
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
@@ -797,17 +933,13 @@ def run(args, rank):
     for i in range(-1 if warm_up else 0, args.num_samples):  # sample -1 is the warm-up, not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        y, stats = run_sample(
-            model,
-            prompt,
-            args,
-            steps,
-            stop_ids,
-            draft,
-            None,
-            device,
-            profile=args.profile is not None and i == args.num_samples - 1,
-        )
+        stream = None
+        if tokenizer is not None and (args.stream or args.stop) and i >= 0:
+            stream = TextStream(tokenizer, stop_ids or (), args.stop or (), echo=args.stream)
+            if args.stream:
+                print(args.prompt, end="", flush=True)
+        last = args.profile is not None and i == args.num_samples - 1
+        y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=last)
         if i < 0:
             print(
                 f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})"
@@ -816,10 +948,23 @@ def run(args, rank):
             )
             save_compile_cache(args.compile_cache)
             continue
-        if tokenizer is not None:
-            print(tokenizer.decode(y[0].tolist()))
-        rows.append(report(i, stats, bytes_per_token, device, bandwidth))
-    summarize(rows, bytes_per_token, bandwidth)
+        if stream is not None:
+            reply = stream.finish()
+            print() if args.stream else print(args.prompt + reply)
+        elif tokenizer is not None:
+            print_sequences(tokenizer, y, prompt.numel(), stop_ids)
+        rows.append(report(i, stats, bytes_per_token, device, bandwidth, args.batch_size))
+    summarize(rows, bytes_per_token, bandwidth, args.batch_size)
+
+
+def print_sequences(tokenizer, y: Tensor, prompt_len: int, stop_ids) -> None:
+    """Each row of y [B, T + n] as text, up to its first stop token; a header per row when there are several."""
+    for b, row in enumerate(y.tolist()):
+        reply = row[prompt_len:]
+        cut = next((i for i, t in enumerate(reply) if t in (stop_ids or ())), len(reply))
+        if y.shape[0] > 1:
+            print(f"--- sequence {b + 1} of {y.shape[0]} ---")
+        print(tokenizer.decode(row[:prompt_len] + reply[:cut]))
 
 
 def compile_cache_summary() -> str:
@@ -843,10 +988,12 @@ def save_compile_cache(path: Optional[Path]) -> None:
         save_atomic(artifacts[0], path, lambda data, f: f.write(data))
 
 
-def summarize(rows, bytes_per_token, bandwidth):
+def summarize(rows, bytes_per_token, bandwidth, batch_size: int = 1):
     mean = {k: sum(r[k] for r in rows) / len(rows) for k in rows[0]}
     print("==========")
-    print(f"Average decode tokens/s: {mean['tok_s']:.2f}")
+    print(f"Average decode tokens/s: {mean['tok_s']:.2f}" + (" per sequence" if batch_size > 1 else ""))
+    if batch_size > 1:
+        print(f"Average decode tokens/s, all {batch_size} sequences: {batch_size * mean['tok_s']:.2f}")
     print(f"Average time to first token: {mean['ttft'] * 1e3:.1f} ms")
     print(
         f"Average bandwidth achieved: {mean['gb_s']:.1f} GB/s (weights read per token: {bytes_per_token / 1e9:.2f} GB)"

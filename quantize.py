@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm import tqdm
 
 from model import ConditionalFeedForward, ModelArgs, Transformer
 
@@ -195,20 +196,23 @@ def quantize_model(model: Transformer, mode: str, groupsize: int = 32, device=No
         if gptq_inputs is None:
             raise ValueError("int4-gptq needs calibration tokens (gptq_inputs)")
         gptq_quantize_model(model, gptq_inputs, groupsize)
-    for name, lin in linear_layers(model):
+    kept = []  # int4: layers whose width the kernels cannot take
+    for name, lin in tqdm(linear_layers(model), desc=f"{mode}", unit="layer", disable=None, leave=False):
         w = lin.weight.data
         if mode == "int8":
             q = WeightOnlyInt8Linear(lin.in_features, lin.out_features, w.dtype).to(w.device)
             q.weight, q.scales = quantize_int8(w)
         elif not int4_fits(lin.in_features, groupsize):
-            print(
-                f"note: {name} has {lin.in_features} input features, not a multiple of {max(groupsize, 32)}: "
-                "kept in float"
-            )
+            kept.append(f"{name}: {lin.in_features}")
             continue
         else:
             q = int4_layer(lin, *quantize_int4(w, groupsize))
         set_module(model, name, q)
+    if kept:
+        print(
+            f"note: {len(kept)} layers have input widths not a multiple of {max(groupsize, 32)} "
+            f"({kept[0]}{', ...' if len(kept) > 1 else ''}): kept in float"
+        )
     if mode == "int8":
         for name, m in list(model.named_modules()):
             if type(m) is ConditionalFeedForward:
@@ -432,7 +436,7 @@ def gptq_quantize_model(model: Transformer, inputs: Tensor, groupsize: int) -> N
     x = model.tok_embeddings(inputs)  # [B, S, dim]
     stages = [(f"layers.{i}", b, lambda b, x: b(x, input_pos, freqs, mask)) for i, b in enumerate(model.layers)]
     stages.append(("", model, lambda m, x: m.output(m.norm(x))))
-    for prefix, module, run in stages:
+    for prefix, module, run in tqdm(stages, desc="GPTQ", unit="block", disable=None, leave=False):
         layers = [(n, m) for n, m in linear_layers(module) if prefix or n == "output"]
         layers = [(n, m) for n, m in layers if int4_fits(m.in_features, groupsize)]
         hooks = HessianHook(layers)
@@ -553,7 +557,12 @@ def main(argv=None):
     p.add_argument("--groupsize", type=int, default=32, help=f"int4 group size, one of {GROUPSIZES}")
     p.add_argument("--calibration_file", type=Path, default=None, help="int4-gptq: local text file to calibrate on")
     p.add_argument("--calibration_samples", type=int, default=32, help="int4-gptq: number of calibration windows")
-    p.add_argument("--calibration_seq_len", type=int, default=512, help="int4-gptq: tokens per calibration window")
+    p.add_argument(
+        "--calibration_seq_len",
+        type=int,
+        default=None,
+        help="int4-gptq: tokens per calibration window (default: 512, or the model's context if shorter)",
+    )
     p.add_argument(
         "--device",
         type=str,
@@ -576,6 +585,12 @@ def main(argv=None):
     try:
         inputs = None
         if args.mode == "int4-gptq":
+            context = ModelArgs.from_checkpoint(args.checkpoint_path).block_size
+            args.calibration_seq_len = args.calibration_seq_len or min(512, context)
+            if args.calibration_seq_len > context:
+                raise ValueError(
+                    f"--calibration_seq_len {args.calibration_seq_len} exceeds the model's context {context}"
+                )
             tok = get_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
             inputs = calibration_tokens(
                 args.calibration_file, tok, args.calibration_samples, args.calibration_seq_len

@@ -5,6 +5,7 @@
 
 import base64
 from pathlib import Path
+from typing import Optional
 
 # Llama 3's pre-tokenizer split pattern and special tokens (ids follow the 128000 BPE ranks)
 LLAMA3_PATTERN = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"  # noqa: E501
@@ -26,7 +27,7 @@ class SentencePieceTokenizer:
         return ([self.sp.bos_id()] if bos else []) + self.sp.encode(text)
 
     def decode(self, ids: list[int]) -> str:
-        return self.sp.decode(list(ids))
+        return self.sp.decode([i for i in ids if 0 <= i < self.vocab_size])  # a model's padded vocab has more ids
 
     def bos_id(self) -> int:
         return self.sp.bos_id()
@@ -34,8 +35,11 @@ class SentencePieceTokenizer:
     def stop_ids(self) -> list[int]:
         return [self.sp.eos_id()]
 
-    def encode_chat(self, message: str, first_turn: bool = True) -> list[int]:
-        """Llama 2 / Mistral instruction format: <s>[INST] message [/INST]; every turn opens with <s>."""
+    def encode_chat(self, message: str, first_turn: bool = True, system: Optional[str] = None) -> list[int]:
+        """Llama 2 / Mistral instruction format: <s>[INST] message [/INST]; every turn opens with <s>; a system
+        prompt goes inside the first turn's [INST]."""
+        if first_turn and system:
+            message = f"<<SYS>>\n{system.strip()}\n<</SYS>>\n\n{message.strip()}"
         return self.encode(f"[INST] {message.strip()} [/INST]")
 
     def end_of_turn(self) -> list[int]:
@@ -58,7 +62,7 @@ class TiktokenTokenizer:
         return ([self.bos_id()] if bos else []) + self.enc.encode(text, allowed_special="all")
 
     def decode(self, ids: list[int]) -> str:
-        return self.enc.decode(list(ids))
+        return self.enc.decode([i for i in ids if 0 <= i < self.vocab_size])  # a model's padded vocab has more ids
 
     def bos_id(self) -> int:
         return self.special["<|begin_of_text|>"]
@@ -66,12 +70,14 @@ class TiktokenTokenizer:
     def stop_ids(self) -> list[int]:
         return [self.special[t] for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
 
-    def encode_chat(self, message: str, first_turn: bool = True) -> list[int]:
-        """Llama 3 chat format: a user turn, then the assistant header; <|begin_of_text|> only once."""
+    def encode_chat(self, message: str, first_turn: bool = True, system: Optional[str] = None) -> list[int]:
+        """Llama 3 chat format: a user turn, then the assistant header; <|begin_of_text|> and the system turn only
+        once."""
         header = "<|start_header_id|>{}<|end_header_id|>\n\n"
-        return self.encode(
-            header.format("user") + message.strip() + "<|eot_id|>" + header.format("assistant"), bos=first_turn
-        )
+        text = header.format("user") + message.strip() + "<|eot_id|>" + header.format("assistant")
+        if first_turn and system:
+            text = header.format("system") + system.strip() + "<|eot_id|>" + text
+        return self.encode(text, bos=first_turn)
 
     def end_of_turn(self) -> list[int]:
         return [self.special["<|eot_id|>"]]

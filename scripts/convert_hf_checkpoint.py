@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, Transformer  # noqa: E402
@@ -161,7 +162,8 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, o
             raise ValueError(f"cannot read {config_file}: {e!r}") from None
     else:
         args = ModelArgs.from_name(model_name or checkpoint_dir.name)
-    state_dict = convert_state_dict((kv for f in files for kv in iter_tensors(f)), args)
+    tensors = tqdm((kv for f in files for kv in iter_tensors(f)), desc="converting", unit=" tensors", disable=None)
+    state_dict = convert_state_dict(tensors, args)
     check_complete(state_dict, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_atomic(state_dict, out_dir / "model.pth")

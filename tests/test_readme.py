@@ -19,6 +19,9 @@ NOT_RUN = {  # the one-line reason each is not run here
     "pip install -r requirements.txt -r requirements-test.txt": "installs packages",
     "python -m pytest tests": "this suite",
     "python -m pytest -m gpu -n 4": "this suite",
+    "python generate.py --compile --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos --num_samples 3": (
+        "the benchmark of a 7B shape (the gpu suite runs the same flags on the demo model)"
+    ),
 }
 HF_REPO = "checkpoints/meta-llama/Llama-2-7b-chat-hf"
 
