@@ -453,7 +453,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--kernels",
         choices=["auto", "gemv", "torch"],
-        default="auto",
+        default=None,
         help="decode matmuls on CUDA: auto (every linear layer on our Triton GEMVs, w1/w3 as one gated kernel, "
         "the RMSNorms and residual adds inside them), gemv (the GEMVs only; float: wo, w2, output) or torch "
         "(inductor's own reductions, "
@@ -480,7 +480,7 @@ def parse_args(argv=None):
         default=None,
         help="speculative method; 'draft' is implied by --draft_checkpoint_path",
     )
-    p.add_argument("--speculate_k", type=int, default=5, help="tokens proposed per speculative step")
+    p.add_argument("--speculate_k", type=int, default=None, help="tokens proposed per speculative step (default 5)")
     p.add_argument(
         "--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token"
     )
@@ -493,6 +493,8 @@ def parse_args(argv=None):
     if args.compile_layer_once is None:  # one compiled layer is --compile's default
         args.compile_layer_once = args.compile
     args.groupsize = args.groupsize or 32
+    args.speculate_k = 5 if args.speculate_k is None else args.speculate_k
+    args.kernels = args.kernels or "auto"
     if args.stream is None:  # a terminal sees the text as it comes; pipes and benchmarks get it at the end
         args.stream = sys.stdout.isatty() and args.batch_size == 1 and not args.interactive
     return args
@@ -506,8 +508,16 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --top_k {args.top_k} is negative: use 0 to turn it off")
     if not 0 < args.top_p <= 1:
         raise SystemExit(f"error: --top_p {args.top_p} is outside (0, 1]: use 1 to turn it off")
-    if args.speculate and args.speculate_k < 1:
+    if args.speculate_k is not None and not args.speculate:
+        raise SystemExit("error: --speculate_k applies to speculative decoding: add --speculate or a draft")
+    if args.speculate and args.speculate_k is not None and args.speculate_k < 1:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
+    if args.speculate == "ngram" and (args.draft_checkpoint_path or args.draft_quantize):
+        raise SystemExit("error: --speculate ngram needs no draft model: drop --draft_checkpoint_path")
+    if args.compile_cache is not None and not (args.compile or args.compile_prefill):
+        raise SystemExit("error: --compile_cache keeps compiled code: add --compile")
+    if args.kernels is not None and args.device == "cpu":
+        raise SystemExit(f"error: --kernels {args.kernels} picks CUDA kernels: drop it for --device cpu")
     if args.compile_layer_once and not args.compile:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
     if args.attention_kernel and args.device.split(":")[0] != "cuda":

@@ -75,6 +75,11 @@ def test_flags_without_effect_are_errors_before_loading(tmp_path):
     assert "--stop checks the text of one sequence" in error(
         "--checkpoint_path", missing, "--stop", "x", "--batch_size", "2"
     )
+    assert "--speculate_k applies to speculative decoding" in error("--checkpoint_path", missing, "--speculate_k", "3")
+    assert "--compile_cache keeps compiled code" in error("--checkpoint_path", missing, "--compile_cache", "c.bin")
+    assert "--kernels torch picks CUDA kernels" in error("--checkpoint_path", missing, "--kernels", "torch")
+    ngram_and_draft = ["--speculate", "ngram", "--draft_checkpoint_path", missing]
+    assert "--speculate ngram needs no draft model" in error("--checkpoint_path", missing, *ngram_and_draft)
 
 
 def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(monkeypatch, capsys):
