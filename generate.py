@@ -768,7 +768,10 @@ class TextStream:
         cut = min((i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
-        self.show(len(self.text) if self.stopped else len(self.text) - self.hold)
+        upto = len(self.text) if self.stopped else len(self.text) - self.hold
+        while not self.stopped and 0 < upto and self.text[upto - 1] == "\ufffd":  # a character cut between pieces
+            upto -= 1
+        self.show(upto)
         return self.stopped
 
     def show(self, upto: int) -> None:

@@ -212,3 +212,15 @@ def test_bench_runs_on_the_cpu_by_default_and_its_bf16_rows_in_bf16():
     bf16, int8 = (bench.command(a, dict(s, speculate="none")) for s in bench.settings(a)[:2])
     assert bf16[bf16.index("--precision") + 1] == "bf16" and "--precision" not in int8
     assert "--groupsize" not in int8  # an int8 row has no group size (generate.py refuses it)
+
+
+def test_the_stream_holds_back_a_character_cut_between_pieces(capsys):
+    class Bytes:  # a byte-level tokenizer: each id one byte of UTF-8
+        def decode(self, ids):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    stream = generate.TextStream(Bytes())
+    for b in "né".encode():
+        stream(torch.tensor([[b]]))
+    assert capsys.readouterr().out == "né"  # never "n\ufffd"
+    assert stream.finish() == "né"

@@ -262,32 +262,19 @@ def test_cli_greedy_is_deterministic_and_matches_the_library(capsys, checkpoint,
     assert "decode" in out1 and "tokens/s" in out1
 
 
+def greedy_argv(checkpoint, tokenizer_path) -> list:
+    """generate.py as a subprocess: 6 greedy tokens after "Once upon a time", on the CPU."""
+    argv = [sys.executable, str(ROOT / "generate.py"), "--checkpoint_path", str(checkpoint)]
+    argv += ["--tokenizer_path", str(tokenizer_path), "--prompt", "Once upon a time", "--temperature", "0"]
+    return argv + ["--max_new_tokens", "6", "--num_samples", "1", "--ignore_eos", "--device", "cpu"]
+
+
 def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkpoint, llama2_tokenizer_path, tmp_path):
     """--compile's default (one compiled layer, reused for every layer) decodes the eager greedy text."""
     assert generate.parse_args(["--compile"]).compile_layer_once is True
     assert generate.parse_args(["--compile", "--no-compile_layer_once"]).compile_layer_once is False
     assert generate.parse_args([]).compile_layer_once is False
-    argv = [
-        sys.executable,
-        str(ROOT / "generate.py"),
-        "--checkpoint_path",
-        str(checkpoint),
-        "--tokenizer_path",
-        str(llama2_tokenizer_path),
-    ]
-    argv += [
-        "--prompt",
-        "Once upon a time",
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "6",
-        "--num_samples",
-        "1",
-        "--ignore_eos",
-        "--device",
-        "cpu",
-    ]
+    argv = greedy_argv(checkpoint, llama2_tokenizer_path)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     outs = [
         subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600)
@@ -304,27 +291,7 @@ def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_i
 ):
     """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text;
     a second run with the same cache directory compiles nothing."""
-    argv = [
-        sys.executable,
-        str(ROOT / "generate.py"),
-        "--checkpoint_path",
-        str(checkpoint),
-        "--tokenizer_path",
-        str(llama2_tokenizer_path),
-    ]
-    argv += [
-        "--prompt",
-        "Once upon a time",
-        "--temperature",
-        "0",
-        "--max_new_tokens",
-        "6",
-        "--num_samples",
-        "1",
-        "--ignore_eos",
-        "--device",
-        "cpu",
-    ]
+    argv = greedy_argv(checkpoint, llama2_tokenizer_path)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     outs = [
         subprocess.run(argv + extra, capture_output=True, text=True, env=env, timeout=600)
