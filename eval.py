@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from generate import load_model, resolve_precision
-from tokenizer import get_tokenizer
+from tokenizer import find_tokenizer, get_tokenizer
 
 
 @torch.no_grad()
@@ -127,7 +127,7 @@ def run_harness(lm: GPTFastLM, tasks: list[str], limit=None, num_fewshot=None, i
 def main(argv=None):
     p = argparse.ArgumentParser(description="Perplexity on a local text file, or lm-evaluation-harness tasks.")
     p.add_argument("--checkpoint_path", type=Path, required=True, help="model.pth, model_int8.pth or model_int4.g*.pth")
-    p.add_argument("--tokenizer_path", type=Path, default=None, help="default: tokenizer.model beside the checkpoint")
+    p.add_argument("--tokenizer_path", type=Path, default=None, help="default: the tokenizer beside the checkpoint")
     p.add_argument("--text_file", type=Path, default=None, help="local UTF-8 text for perplexity")
     p.add_argument("--seq_len", type=int, default=2048, help="perplexity window (capped at the model's context)")
     p.add_argument(
@@ -152,7 +152,7 @@ def main(argv=None):
     device = torch.device(a.device)
     try:
         model = load_model(a.checkpoint_path, device, resolve_precision(a.precision, device))
-        tokenizer = get_tokenizer(a.tokenizer_path or a.checkpoint_path.parent / "tokenizer.model")
+        tokenizer = get_tokenizer(a.tokenizer_path or find_tokenizer(a.checkpoint_path.parent))
         seq_len = min(a.seq_len, model.config.block_size)
         if seq_len < 2:
             raise ValueError(f"--seq_len {a.seq_len} must be at least 2 (one token of context, one scored)")

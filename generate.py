@@ -601,12 +601,12 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
 
 
 def load_tokenizer(args, vocab_size: int):
-    path = args.tokenizer_path or args.checkpoint_path.parent / "tokenizer.model"
+    from tokenizer import find_tokenizer, get_tokenizer
+
+    path = args.tokenizer_path or find_tokenizer(args.checkpoint_path.parent)
     if args.random_init and args.tokenizer_path is None and args.prompt.isdigit():
         return None  # synthetic prompt, no text to encode
     try:
-        from tokenizer import get_tokenizer
-
         tok = get_tokenizer(path)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}: pass --tokenizer_path") from None

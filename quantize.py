@@ -579,7 +579,7 @@ def main(argv=None):
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
     out = output_path(args.checkpoint_path, args.mode, args.groupsize)
-    from tokenizer import get_tokenizer
+    from tokenizer import find_tokenizer, get_tokenizer
 
     t0 = time.time()
     try:
@@ -591,7 +591,7 @@ def main(argv=None):
                 raise ValueError(
                     f"--calibration_seq_len {args.calibration_seq_len} exceeds the model's context {context}"
                 )
-            tok = get_tokenizer(args.checkpoint_path.parent / "tokenizer.model")
+            tok = get_tokenizer(find_tokenizer(args.checkpoint_path.parent))
             inputs = calibration_tokens(
                 args.calibration_file, tok, args.calibration_samples, args.calibration_seq_len
             ).to(args.device)

@@ -1,9 +1,11 @@
-"""SentencePiece (Llama 2, Mistral, CodeLlama) and tiktoken (Llama 3) behind one small interface.
+"""SentencePiece (Llama 2, Mistral, CodeLlama), tiktoken (Llama 3) and Hugging Face tokenizer.json behind one small
+interface.
 
-`get_tokenizer(path)` picks the kind from the file's contents, not its name.
+`get_tokenizer(path)` picks the kind from the file's contents, not its name; `find_tokenizer(folder)` the file.
 """
 
 import base64
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -83,6 +85,62 @@ class TiktokenTokenizer:
         return [self.special["<|eot_id|>"]]
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer.json, read by the `tokenizers` library as transformers reads it; the special tokens
+    from tokenizer_config.json and generation_config.json beside it. Its post-processor adds BOS where the file
+    says so."""
+
+    def __init__(self, model_path):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ValueError(f"{model_path} is a tokenizer.json: reading it needs `pip install tokenizers`") from None
+        self.tok = Tokenizer.from_file(str(model_path))
+        self.vocab_size = self.tok.get_vocab_size(with_added_tokens=True)
+        config = read_json(Path(model_path).parent / "tokenizer_config.json")
+        generation = read_json(Path(model_path).parent / "generation_config.json")
+        self.bos, eos = (self.token_id(config.get(k)) for k in ("bos_token", "eos_token"))
+        eos_ids = generation.get("eos_token_id", eos)
+        self.eos = [i for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids]) if i is not None]
+
+    def token_id(self, token) -> Optional[int]:
+        token = token.get("content") if isinstance(token, dict) else token  # tokenizer_config keeps either form
+        return self.tok.token_to_id(token) if token else None
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=bos).ids
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode([i for i in ids if 0 <= i < self.vocab_size], skip_special_tokens=True)
+
+    def bos_id(self) -> Optional[int]:
+        return self.bos
+
+    def stop_ids(self) -> list[int]:
+        return self.eos
+
+    def encode_chat(self, message: str, first_turn: bool = True, system: Optional[str] = None) -> list[int]:
+        raise ValueError("chat with a tokenizer.json model needs its chat template, which is not read yet")
+
+    def end_of_turn(self) -> list[int]:
+        return self.eos[:1]
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+def find_tokenizer(folder: Path) -> Path:
+    """The tokenizer file of a model folder: tokenizer.model (SentencePiece or tiktoken), else tokenizer.json."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (Path(folder) / name).is_file():
+            return Path(folder) / name
+    return Path(folder) / "tokenizer.model"
+
+
 def load_tiktoken_ranks(model_path) -> dict[bytes, int]:
     """Parse a tiktoken BPE file: one 'base64-token rank' pair per line."""
     ranks = {}
@@ -117,6 +175,9 @@ def get_tokenizer(model_path):
         raise FileNotFoundError(f"tokenizer file not found: {model_path}")
     if is_tiktoken_file(model_path):
         return TiktokenTokenizer(model_path)
+    with open(model_path, "rb") as f:
+        if f.read(64).lstrip().startswith(b"{"):  # JSON: a Hugging Face tokenizer.json
+            return HFTokenizer(model_path)
     try:
         return SentencePieceTokenizer(model_path)
     except (RuntimeError, OSError) as e:

@@ -2,8 +2,8 @@
 
 Reads safetensors or pytorch_model*.bin, sharded (with an index json) or single; maps names, un-permutes
 q/k from HF's rotate-half layout to the interleaved RoPE layout, fuses q/k/v into wqkv, stacks Mixtral
-experts, and writes model.pth, model_config.json and tokenizer.model beside it. Tensors are read one at a
-time (safetensors lazily, .bin memory-mapped), so the peak memory is about one copy of the model.
+experts, writes model.pth and model_config.json and copies the tokenizer files beside them. Tensors are read one
+at a time (safetensors lazily, .bin memory-mapped), so the peak memory is about one copy of the model.
 """
 
 import argparse
@@ -140,14 +140,21 @@ def check_complete(state_dict: dict, args: ModelArgs) -> None:
         )
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+
+
 def copy_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:
-    for candidate in ("tokenizer.model", "original/tokenizer.model"):  # Llama 3 keeps its tiktoken file in original/
-        src = checkpoint_dir / candidate
-        if src.is_file():
-            if src.resolve() != (out_dir / "tokenizer.model").resolve():
-                shutil.copyfile(src, out_dir / "tokenizer.model")  # the data, not a read-only mode
-            return
-    print(f"note: no tokenizer.model in {checkpoint_dir}; pass --tokenizer_path to generate.py")
+    """tokenizer.model (Llama 3 keeps its tiktoken file in original/) and Hugging Face's tokenizer files."""
+    copies = [
+        (checkpoint_dir / c, out_dir / "tokenizer.model") for c in ("original/tokenizer.model", "tokenizer.model")
+    ]
+    copies = [c for c in copies if c[0].is_file()][-1:]  # tokenizer.model wins over original/
+    copies += [(checkpoint_dir / f, out_dir / f) for f in TOKENIZER_FILES if (checkpoint_dir / f).is_file()]
+    for src, dst in copies:
+        if src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)  # the data, not a read-only mode
+    if not any(dst.name in ("tokenizer.model", "tokenizer.json") for _, dst in copies):
+        print(f"note: no tokenizer.model or tokenizer.json in {checkpoint_dir}; pass --tokenizer_path to generate.py")
 
 
 @torch.no_grad()

@@ -1,8 +1,9 @@
 import base64
+import json
 
 import pytest
 
-from tokenizer import SentencePieceTokenizer, TiktokenTokenizer, get_tokenizer
+from tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, find_tokenizer, get_tokenizer
 
 TEXTS = ["Hello, world!", "  leading spaces and\nnew lines\n", "Ünïcödé — 東京 🙂", "def f(x):\n    return x ** 2"]
 
@@ -59,3 +60,87 @@ def test_bad_tokenizer_files_are_clear_errors(tmp_path):
         get_tokenizer(junk)
     with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
         get_tokenizer(tmp_path / "missing.model")
+
+
+# ---------------------------------------------------------------- Hugging Face tokenizer.json
+
+HF_TEXTS = [
+    "Hello, world!",
+    "Ünïcödé — 東京 🙂 naïve café",
+    "  two  spaces\nand lines\n",
+    "def f(x):\n    return x ** 2",
+]
+
+
+@pytest.fixture
+def hf_tokenizer_folder(tmp_path):
+    """A byte-level BPE tokenizer.json trained here (as Llama 3 and most new models ship), with BOS added by its
+    post-processor, and the config files transformers reads beside it."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+
+    tok = tokenizers.Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<s>", "</s>", "<eot>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train_from_iterator(HF_TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.save(str(tmp_path / "tokenizer.json"))
+    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize("text", HF_TEXTS)
+def test_tokenizer_json_encodes_and_decodes_as_transformers(hf_tokenizer_folder, text):
+    import transformers
+
+    ref = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_folder)
+    tok = get_tokenizer(find_tokenizer(hf_tokenizer_folder))
+    assert isinstance(tok, HFTokenizer) and tok.bos_id() == 0 and tok.stop_ids() == [1, 2]
+    ids = tok.encode(text)
+    assert ids == ref.encode(text) and ids[0] == 0
+    assert tok.encode(text, bos=False) == ref.encode(text, add_special_tokens=False)
+    assert tok.decode(ids) == ref.decode(ids, skip_special_tokens=True) == text
+
+
+def test_a_stream_of_byte_level_pieces_never_shows_a_broken_character(hf_tokenizer_folder, capsys):
+    import torch
+
+    from generate import TextStream
+
+    tok = get_tokenizer(hf_tokenizer_folder / "tokenizer.json")
+    text = "東京 🙂 café"
+    stream = TextStream(tok)
+    for i in tok.encode(text, bos=False):  # pieces that split multi-byte characters
+        stream(torch.tensor([[i]]))
+    assert stream.finish() == text and capsys.readouterr().out == text
+
+
+def test_the_folder_decides_which_tokenizer_file(hf_tokenizer_folder, tmp_path):
+    assert find_tokenizer(hf_tokenizer_folder).name == "tokenizer.json"
+    (hf_tokenizer_folder / "tokenizer.model").write_bytes(b"")  # a tokenizer.model, where there is one, comes first
+    assert find_tokenizer(hf_tokenizer_folder).name == "tokenizer.model"
+
+
+def test_a_model_with_only_tokenizer_json_converts_and_generates(hf_tokenizer_folder, tmp_path, capsys):
+    """The folder of a Llama-architecture model that ships tokenizer.json and no tokenizer.model."""
+    import torch
+    import transformers
+    from convert_hf_checkpoint import TOKENIZER_FILES, convert_hf_checkpoint
+
+    import generate
+
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=512, **shape)).save_pretrained(
+        hf_tokenizer_folder
+    )
+    out = convert_hf_checkpoint(hf_tokenizer_folder, out_dir=tmp_path / "converted")
+    assert {f for f in TOKENIZER_FILES[:3]} <= {p.name for p in out.parent.iterdir()}
+    generate.main(["--checkpoint_path", str(out), "--prompt", "Hello, world!", "--max_new_tokens", "5"]
+                  + ["--num_samples", "1", "--device", "cpu", "--temperature", "0"])  # fmt: skip
+    assert "\nHello, world!" in capsys.readouterr().out
