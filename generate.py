@@ -270,9 +270,7 @@ def generate(
             if draft_model is not None:  # keep the draft's cache in step
                 decode_fn(draft_model, x, pos, **sampling_kwargs)
         else:
-            if (
-                proposal is not None and proposal.numel() < k
-            ):  # a match near the end: pad; exactness holds for any proposal
+            if proposal is not None and proposal.numel() < k:  # a match near the end: pad (any proposal is exact)
                 proposal = torch.cat([proposal, proposal[-1:].expand(k - proposal.numel())])
             new = speculative_decode(
                 model, draft_model, seq[0, T + n - 1], T + n - 1, k, proposal, decode_fn, verify_fn, **sampling_kwargs
@@ -827,35 +825,42 @@ def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 
 
 
 def interactive_loop(model, tokenizer, args, steps, draft, device):
-    """A multi-turn chat: the whole conversation is each reply's prompt; it restarts when it outgrows the context.
-    Ctrl-C stops the reply being written and the chat goes on; Ctrl-C or Ctrl-D at the prompt leaves."""
-    stop_ids, history = tokenizer.stop_ids(), []
+    """A multi-turn chat in the model's chat template: the whole conversation is each reply's prompt; it restarts
+    when it outgrows the context. Ctrl-C stops the reply being written and the chat goes on; Ctrl-C or Ctrl-D at
+    the prompt leaves."""
+    stop_ids = tokenizer.stop_ids()
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    messages = list(system)
     while True:
         try:
             message = input("\nWhat is your prompt? ")
         except (EOFError, KeyboardInterrupt):
             print()
             return
-        turn = tokenizer.encode_chat(message, first_turn=not history, system=args.system)
-        if history and len(history) + len(turn) + args.max_new_tokens > model.config.block_size:
-            history, turn = [], tokenizer.encode_chat(message, first_turn=True, system=args.system)
-            print("(the conversation no longer fits the context: starting a new one)")
-        if len(turn) + args.max_new_tokens > model.config.block_size:
+        try:
+            ids = tokenizer.encode_dialog(messages + [{"role": "user", "content": message}])
+            if len(ids) + args.max_new_tokens > model.config.block_size and len(messages) > len(system):
+                messages = list(system)
+                ids = tokenizer.encode_dialog(messages + [{"role": "user", "content": message}])
+                print("(the conversation no longer fits the context: starting a new one)")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
+        if len(ids) + args.max_new_tokens > model.config.block_size:
             print(
-                f"(prompt of {len(turn)} tokens is too long for --max_new_tokens {args.max_new_tokens}; "
+                f"(prompt of {len(ids)} tokens is too long for --max_new_tokens {args.max_new_tokens}; "
                 "try a shorter one)"
             )
             continue
-        prompt = torch.tensor(history + turn, dtype=torch.int, device=device)
+        prompt = torch.tensor(ids, dtype=torch.int, device=device)
         stream = TextStream(tokenizer, stop_ids, args.stop or ())
         try:
             y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=False)
         except KeyboardInterrupt:
             print("\n(stopped: this turn is left out of the conversation)")
             continue
-        stream.finish()
-        reply = [t for t in y[0, prompt.numel() :].tolist() if t not in stop_ids]
-        history = prompt.tolist() + reply + tokenizer.end_of_turn()
+        reply_ids = [t for t in y[0, len(ids) :].tolist() if t not in stop_ids]  # built-in formats keep the tokens
+        messages += [{"role": "user", "content": message}]
+        messages += [{"role": "assistant", "content": stream.finish(), "ids": reply_ids}]
         print()
 
 

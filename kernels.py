@@ -224,9 +224,8 @@ if triton is not None:
             for c0 in range(0, K // 32, BLOCK_C):
                 c = c0 + cc
                 live = c < K // 32
-                w_off = (
-                    offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :]
-                )  # [BLOCK_C, BLOCK_N, 4]
+                # [BLOCK_C, BLOCK_N, 4]
+                w_off = offs_n[None, :, None] * (4 * (K // 32)) + 4 * c[:, None, None] + j[None, None, :]
                 w_mask = rows[None, :, None] & live[:, None, None]
                 sz_off, sz_mask = (
                     (c // (GROUP // 32))[:, None] * SZ_STRIDE + offs_n[None, :],
@@ -242,9 +241,8 @@ if triton is not None:
                 sum_hi = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
                 sum_lo = tl.zeros([BLOCK_C, 4], dtype=tl.float32)
                 k = 32 * c[:, None] + j[None, :]  # [BLOCK_C, 4]
-                for r in tl.static_range(
-                    4
-                ):  # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
+                # rotated left by 8 r, codes (hi, lo) = (4, 3), (2, 1), (0, 7), (6, 5) sit at bits 19, 15
+                for r in tl.static_range(4):
                     k_hi, k_lo = k + 4 * ((4 - 2 * r) % 8), k + 4 * ((11 - 2 * r) % 8)
                     x_hi = tl.load(x_ptr + m * K + k_hi, mask=live[:, None], other=0.0).to(tl.float32)
                     x_lo = tl.load(x_ptr + m * K + k_lo, mask=live[:, None], other=0.0).to(tl.float32)

@@ -146,13 +146,7 @@ transformer_configs = {
 class KVCache(nn.Module):
     def __init__(self, max_batch_size, max_seq_length, n_heads, head_dim, dtype, device):
         super().__init__()
-        shape = (
-            2,
-            max_batch_size,
-            n_heads,
-            max_seq_length,
-            head_dim,
-        )  # [k|v, B, H_kv, S_max, D]: one buffer, one write
+        shape = (2, max_batch_size, n_heads, max_seq_length, head_dim)  # [k|v, B, H_kv, S_max, D]: one write
         self.register_buffer("kv", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     @property
@@ -193,9 +187,8 @@ class Transformer(nn.Module):
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
             return
-        max_seq_length = find_multiple(
-            max_seq_length, 64
-        )  # aligned rows; nearby lengths share one compiled decode graph
+        # aligned rows; nearby lengths share one compiled decode graph
+        max_seq_length = find_multiple(max_seq_length, 64)
         max_seq_length = min(max_seq_length, self.config.block_size)
         self.max_seq_length, self.max_batch_size = max_seq_length, max_batch_size
         dtype, device = self.norm.weight.dtype, self.norm.weight.device  # norms are never quantized
@@ -329,13 +322,10 @@ class ConditionalFeedForward(nn.Module):
         # reduction that reads each selected expert once, where a bmm would first materialize the weights
         x = x[:, None, None, :]  # [T, 1, 1, D]
         w1, w3 = self.expert_weight("w1", expert_indices), self.expert_weight("w3", expert_indices)  # [T, A, I, D]
-        h = F.silu(torch.sum(x * w1, dim=-1, dtype=torch.float)) * torch.sum(
-            x * w3, dim=-1, dtype=torch.float
-        )  # [T, A, I]
-        h = self.store_hidden(h.to(x.dtype))[:, :, None, :]  # [T, A, 1, I]
-        return torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float).to(
-            x.dtype
-        )  # [T, A, D]
+        a, b = torch.sum(x * w1, dim=-1, dtype=torch.float), torch.sum(x * w3, dim=-1, dtype=torch.float)  # [T, A, I]
+        h = self.store_hidden((F.silu(a) * b).to(x.dtype))[:, :, None, :]  # [T, A, 1, I]
+        y = torch.sum(h * self.expert_weight("w2", expert_indices), dim=-1, dtype=torch.float)  # [T, A, D]
+        return y.to(x.dtype)
 
     def forward_expert(self, x: Tensor, e: int) -> Tensor:
         """All rows of x [N, D] through expert e -> [N, D]."""

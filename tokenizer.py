@@ -18,7 +18,24 @@ LLAMA3_SPECIAL = [
 ] + [f"<|reserved_special_token_{i}|>" for i in range(3, 248)]  # fmt: skip
 
 
-class SentencePieceTokenizer:
+class BuiltinChat:
+    """A conversation [{"role": "system" | "user" | "assistant", "content": ...}] in a built-in chat format,
+    turn by turn (encode_chat, end_of_turn); the reply's header last, for the model to answer. An assistant turn
+    with "ids" is those tokens, as generated."""
+
+    def encode_dialog(self, messages: list[dict]) -> list[int]:
+        ids, system = [], None
+        for m in messages:
+            if m["role"] == "system":
+                system = m["content"]
+            elif m["role"] == "user":
+                ids += self.encode_chat(m["content"], first_turn=not ids, system=system)
+            else:  # the reply's own tokens where the conversation kept them
+                ids += m.get("ids", self.encode(m["content"], bos=False)) + self.end_of_turn()
+        return ids
+
+
+class SentencePieceTokenizer(BuiltinChat):
     def __init__(self, model_path):
         import sentencepiece
 
@@ -48,7 +65,7 @@ class SentencePieceTokenizer:
         return [self.sp.eos_id()]
 
 
-class TiktokenTokenizer:
+class TiktokenTokenizer(BuiltinChat):
     def __init__(self, model_path):
         import tiktoken
 
@@ -102,6 +119,9 @@ class HFTokenizer:
         self.bos, eos = (self.token_id(config.get(k)) for k in ("bos_token", "eos_token"))
         eos_ids = generation.get("eos_token_id", eos)
         self.eos = [i for i in (eos_ids if isinstance(eos_ids, list) else [eos_ids]) if i is not None]
+        self.special_tokens = {k: v.get("content") if isinstance(v, dict) else v for k, v in config.items()}
+        self.special_tokens = {k: v for k, v in self.special_tokens.items() if k.endswith("_token") and v}
+        self.chat_template = read_chat_template(Path(model_path).parent, config)
 
     def token_id(self, token) -> Optional[int]:
         token = token.get("content") if isinstance(token, dict) else token  # tokenizer_config keeps either form
@@ -119,11 +139,43 @@ class HFTokenizer:
     def stop_ids(self) -> list[int]:
         return self.eos
 
-    def encode_chat(self, message: str, first_turn: bool = True, system: Optional[str] = None) -> list[int]:
-        raise ValueError("chat with a tokenizer.json model needs its chat template, which is not read yet")
+    def encode_dialog(self, messages: list[dict]) -> list[int]:
+        """The conversation rendered by the model's own chat template, as transformers' apply_chat_template."""
+        if self.chat_template is None:
+            raise ValueError("this tokenizer.json model has no chat_template in tokenizer_config.json")
+        text = render_chat_template(self.chat_template, messages, self.special_tokens)
+        return self.tok.encode(text, add_special_tokens=False).ids  # the template writes its own BOS
 
-    def end_of_turn(self) -> list[int]:
-        return self.eos[:1]
+
+def read_chat_template(folder: Path, config: dict) -> Optional[str]:
+    """tokenizer_config.json's chat_template (a string, or named templates: the default one), else the
+    chat_template.jinja file newer transformers write beside it."""
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if template is None and (folder / "chat_template.jinja").is_file():
+        template = (folder / "chat_template.jinja").read_text()
+    return template
+
+
+def render_chat_template(template: str, messages: list[dict], special_tokens: dict) -> str:
+    """Jinja rendering as transformers does it: a sandbox, trimmed blocks, loop controls, raise_exception and
+    strftime_now, and the reply's header (add_generation_prompt)."""
+    from datetime import datetime
+
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"the chat template refused the conversation: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
+    env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    try:
+        return env.from_string(template).render(messages=messages, add_generation_prompt=True, **special_tokens)
+    except jinja2.TemplateError as e:
+        raise ValueError(f"cannot render the chat template: {e}") from None
 
 
 def read_json(path: Path) -> dict:

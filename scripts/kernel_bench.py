@@ -68,9 +68,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     ref4 = x.float() @ q.dequantize_int4(p4, sz, torch.float32).t()
     b8, b4 = N * K + N * 2, N * K // 2 + sz.numel() * 2
     g, r = torch.rand(K, device=dev, dtype=torch.bfloat16) + 0.5, torch.randn(rows, N, device=dev, dtype=torch.bfloat16)
-    xn = (
-        x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()
-    )  # what a fused block does inside
+    xn = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-5) * g.float()  # a fused block's norm
     nr = dict(norm=g, eps=1e-5, residual=r)
     cases = {
         "bf16 cuBLAS": (lambda: F.linear(x, wb), ref, N * K * 2),

@@ -144,3 +144,84 @@ def test_a_model_with_only_tokenizer_json_converts_and_generates(hf_tokenizer_fo
     generate.main(["--checkpoint_path", str(out), "--prompt", "Hello, world!", "--max_new_tokens", "5"]
                   + ["--num_samples", "1", "--device", "cpu", "--temperature", "0"])  # fmt: skip
     assert "\nHello, world!" in capsys.readouterr().out
+
+
+CHATML = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<eot>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+LLAMA3_LIKE = (
+    "{{ bos_token }}{% for m in messages %}{% if loop.first and m['role'] != 'system' %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nYou are helpful.<eot>' }}{% endif %}"
+    "{{ '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim + '<eot>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+DIALOG = [
+    {"role": "system", "content": "Answer briefly, in English — or en français."},
+    {"role": "user", "content": "Hello, world! 🙂"},
+    {"role": "assistant", "content": "Bonjour. Ünïcödé 東京"},
+    {"role": "user", "content": "  def f(x):\n    return x ** 2  "},
+]
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3_LIKE], ids=["chatml", "llama3-like"])
+@pytest.mark.parametrize("turns", [DIALOG[1:2], DIALOG[:2], DIALOG])
+def test_the_models_chat_template_renders_as_transformers(hf_tokenizer_folder, template, turns):
+    import transformers
+
+    config = json.loads((hf_tokenizer_folder / "tokenizer_config.json").read_text())
+    (hf_tokenizer_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    ref = transformers.AutoTokenizer.from_pretrained(hf_tokenizer_folder)
+    text = ref.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+    assert get_tokenizer(hf_tokenizer_folder / "tokenizer.json").encode_dialog(turns) == ref.encode(
+        text, add_special_tokens=False
+    )
+
+
+def test_a_template_that_refuses_is_a_clear_error(hf_tokenizer_folder):
+    refuse = "{{ raise_exception('roles must alternate') }}"
+    config = json.loads((hf_tokenizer_folder / "tokenizer_config.json").read_text())
+    (hf_tokenizer_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": refuse}))
+    with pytest.raises(ValueError, match="the chat template refused the conversation: roles must alternate"):
+        get_tokenizer(hf_tokenizer_folder / "tokenizer.json").encode_dialog(DIALOG[1:2])
+
+
+def test_the_chat_renders_each_turn_with_the_template_and_stops_at_its_end_of_turn(
+    hf_tokenizer_folder, tmp_path, capsys, monkeypatch
+):
+    import torch
+    import transformers
+    from convert_hf_checkpoint import convert_hf_checkpoint
+
+    import generate
+
+    config = json.loads((hf_tokenizer_folder / "tokenizer_config.json").read_text())
+    (hf_tokenizer_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
+    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=512, **shape))
+    model.save_pretrained(hf_tokenizer_folder)  # writes a generation_config.json of its own: ours after it
+    (hf_tokenizer_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    out = convert_hf_checkpoint(hf_tokenizer_folder, out_dir=tmp_path / "converted")
+    answers, prompts, real = iter(["Hello, world!", "And then?"]), [], generate.run_sample
+
+    def ask(_):
+        try:
+            return next(answers)
+        except StopIteration:
+            raise EOFError from None
+
+    def recording(model, prompt, args, steps, stop_ids, *rest, **kw):
+        prompts.append((prompt.tolist(), stop_ids))
+        return real(model, prompt, args, steps, stop_ids, *rest, **kw)
+
+    monkeypatch.setattr("builtins.input", ask)
+    monkeypatch.setattr(generate, "run_sample", recording)
+    generate.main(["--checkpoint_path", str(out), "--interactive", "--system", "Be brief.", "--max_new_tokens", "8"]
+                  + ["--device", "cpu", "--temperature", "0"])  # fmt: skip
+    tok = get_tokenizer(out.parent / "tokenizer.json")
+    first = tok.encode_dialog(
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello, world!"}]
+    )
+    assert prompts[0] == (first, [1, 2])  # the template's rendering; the reply stops at the end-of-turn ids
+    assert prompts[1][0][: len(first)] == first and len(prompts[1][0]) > len(first)  # the second turn extends it
