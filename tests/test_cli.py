@@ -224,3 +224,11 @@ def test_the_stream_holds_back_a_character_cut_between_pieces(capsys):
         stream(torch.tensor([[b]]))
     assert capsys.readouterr().out == "né"  # never "n\ufffd"
     assert stream.finish() == "né"
+
+
+def test_the_cpu_profile_is_sorted_by_cpu_time(capsys, tmp_path):
+    out = run(capsys, "--max_new_tokens", "10", "--profile", tmp_path / "trace")
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("aten::")]
+    pct = [float(r[1].rstrip("%")) for r in rows]  # the Self CPU % column
+    assert len(pct) > 5 and pct == sorted(pct, reverse=True) and pct[0] > 0
+    assert (tmp_path / "trace.json").is_file()
