@@ -165,7 +165,9 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.barh(labels, [r.get("tok_s", 0) for r in rows])
     ax.set_xlabel("decode tokens/s")
     fig.tight_layout()
-    fig.savefig(path)
+    from quantize import save_atomic
+
+    save_atomic(fig, path, lambda fig, f: fig.savefig(f, format=Path(path).suffix.lstrip(".") or "png"))
 
 
 def parse_args(argv=None):
