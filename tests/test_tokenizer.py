@@ -126,20 +126,27 @@ def test_the_folder_decides_which_tokenizer_file(hf_tokenizer_folder, tmp_path):
     assert find_tokenizer(hf_tokenizer_folder).name == "tokenizer.model"
 
 
-def test_a_model_with_only_tokenizer_json_converts_and_generates(hf_tokenizer_folder, tmp_path, capsys):
-    """The folder of a Llama-architecture model that ships tokenizer.json and no tokenizer.model."""
+def converted_random_llama(folder, out_dir):
+    """A random Llama (vocabulary 512) saved as HF weights into the tokenizer's folder, converted to out_dir."""
     import torch
     import transformers
-    from convert_hf_checkpoint import TOKENIZER_FILES, convert_hf_checkpoint
-
-    import generate
+    from convert_hf_checkpoint import convert_hf_checkpoint
 
     shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=512, **shape)).save_pretrained(
-        hf_tokenizer_folder
-    )
-    out = convert_hf_checkpoint(hf_tokenizer_folder, out_dir=tmp_path / "converted")
+    generation = (folder / "generation_config.json").read_text()
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=512, **shape)).save_pretrained(folder)
+    (folder / "generation_config.json").write_text(generation)  # save_pretrained writes one of its own
+    return convert_hf_checkpoint(folder, out_dir=out_dir)
+
+
+def test_a_model_with_only_tokenizer_json_converts_and_generates(hf_tokenizer_folder, tmp_path, capsys):
+    """The folder of a Llama-architecture model that ships tokenizer.json and no tokenizer.model."""
+    from convert_hf_checkpoint import TOKENIZER_FILES
+
+    import generate
+
+    out = converted_random_llama(hf_tokenizer_folder, tmp_path / "converted")
     assert {f for f in TOKENIZER_FILES[:3]} <= {p.name for p in out.parent.iterdir()}
     generate.main(["--checkpoint_path", str(out), "--prompt", "Hello, world!", "--max_new_tokens", "5"]
                   + ["--num_samples", "1", "--device", "cpu", "--temperature", "0"])  # fmt: skip
@@ -189,20 +196,12 @@ def test_a_template_that_refuses_is_a_clear_error(hf_tokenizer_folder):
 def test_the_chat_renders_each_turn_with_the_template_and_stops_at_its_end_of_turn(
     hf_tokenizer_folder, tmp_path, capsys, monkeypatch
 ):
-    import torch
-    import transformers
-    from convert_hf_checkpoint import convert_hf_checkpoint
 
     import generate
 
     config = json.loads((hf_tokenizer_folder / "tokenizer_config.json").read_text())
     (hf_tokenizer_folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": CHATML}))
-    shape = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=512, **shape))
-    model.save_pretrained(hf_tokenizer_folder)  # writes a generation_config.json of its own: ours after it
-    (hf_tokenizer_folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
-    out = convert_hf_checkpoint(hf_tokenizer_folder, out_dir=tmp_path / "converted")
+    out = converted_random_llama(hf_tokenizer_folder, tmp_path / "converted")
     answers, prompts, real = iter(["Hello, world!", "And then?"]), [], generate.run_sample
 
     def ask(_):
