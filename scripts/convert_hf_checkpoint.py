@@ -140,7 +140,13 @@ def check_complete(state_dict: dict, args: ModelArgs) -> None:
         )
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "generation_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def copy_tokenizer(checkpoint_dir: Path, out_dir: Path) -> None:

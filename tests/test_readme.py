@@ -17,6 +17,7 @@ NOT_RUN = {  # the one-line reason each is not run here
     "python scripts/download.py --repo_id meta-llama/Llama-2-7b-chat-hf --hf_token $HF_TOKEN": "downloads from the Hub",
     "pip install lm_eval && python eval.py --checkpoint_path .../model.pth --tasks hellaswag --limit 200": "downloads",
     "pip install -r requirements.txt -r requirements-test.txt": "installs packages",
+    "pip install gguf protobuf": "installs packages",
     "python -m pytest tests": "this suite",
     "python -m pytest -m gpu -n 4": "this suite",
     "python generate.py --compile --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos --num_samples 3": (
@@ -66,6 +67,14 @@ def template(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(hf)
     shutil.copy(STORIES / "tokenizer.model", hf / "tokenizer.model")
     convert_hf_checkpoint(hf)  # as prepare.sh leaves it
+    from convert_gguf import convert_gguf
+    from test_gguf import sentencepiece_fields, write_gguf
+
+    from quantize import load_checkpoint_model
+
+    model = load_checkpoint_model(STORIES / "model.pth").float()
+    write_gguf(demo / "model.gguf", model, tokenizer_fields=sentencepiece_fields(STORIES / "tokenizer.model"))
+    convert_gguf(demo / "model.gguf", demo / "from_gguf")  # what the README's generate command reads
     for name, repeats in (("my_text.txt", 40), ("passage.txt", 2), ("wiki.test.raw", 40)):
         (tmp_path / name).write_text((STORY + "\n") * repeats)
     return tmp_path

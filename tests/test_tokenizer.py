@@ -2,6 +2,7 @@ import base64
 import json
 
 import pytest
+from conftest import HF_TEXTS
 
 from tokenizer import HFTokenizer, SentencePieceTokenizer, TiktokenTokenizer, find_tokenizer, get_tokenizer
 
@@ -63,35 +64,6 @@ def test_bad_tokenizer_files_are_clear_errors(tmp_path):
 
 
 # ---------------------------------------------------------------- Hugging Face tokenizer.json
-
-HF_TEXTS = [
-    "Hello, world!",
-    "Ünïcödé — 東京 🙂 naïve café",
-    "  two  spaces\nand lines\n",
-    "def f(x):\n    return x ** 2",
-]
-
-
-@pytest.fixture
-def hf_tokenizer_folder(tmp_path):
-    """A byte-level BPE tokenizer.json trained here (as Llama 3 and most new models ship), with BOS added by its
-    post-processor, and the config files transformers reads beside it."""
-    tokenizers = pytest.importorskip("tokenizers")
-    from tokenizers import decoders, models, pre_tokenizers, processors, trainers
-
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<s>", "</s>", "<eot>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(HF_TEXTS * 20 + ["the quick brown fox jumps over the lazy dog"] * 20, trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    tok.save(str(tmp_path / "tokenizer.json"))
-    config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "PreTrainedTokenizerFast"}
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
-    return tmp_path
 
 
 @pytest.mark.parametrize("text", HF_TEXTS)
