@@ -88,7 +88,9 @@ def convert_tensors(reader) -> dict:
             out[f"layers.{layer}.{LAYER_KEYS[part]}.{kind}"] = w
         elif base in TOP_KEYS:
             out[f"{TOP_KEYS[base]}.{kind}"] = w
-        elif base != "rope_freqs":
+        elif base == "rope_freqs":  # Llama 3.1's scaled RoPE frequencies: not read from GGUF
+            raise ValueError("rope_freqs (Llama 3.1 rope scaling) is not supported from GGUF: convert the HF model")
+        else:
             raise ValueError(f"unexpected tensor {t.name!r}: not a llama-architecture file")
     for layer, parts in qkv.items():
         out[f"layers.{layer}.attention.wqkv.weight"] = torch.cat([parts["attn_q"], parts["attn_k"], parts["attn_v"]])

@@ -163,3 +163,15 @@ def test_a_bpe_vocabulary_becomes_a_tokenizer_json_that_encodes_the_same(hf_toke
     for text in HF_TEXTS:
         assert ours.encode(text) == theirs.encode(text) and ours.decode(ours.encode(text)) == text
     assert ours.bos_id() == vocab["<s>"] and ours.stop_ids() == [vocab["</s>"]]
+
+
+def test_what_does_not_convert_is_a_one_line_error(tmp_path, capsys):
+    from conftest import random_transformer
+    from convert_gguf import main
+
+    model = random_transformer(tiny_args(vocab_size=512))
+    write_gguf(tmp_path / "m.gguf", model, Q.F32, lambda w: w.add_tensor("rope_freqs.weight", np.ones(8, np.float32)))
+    with pytest.raises(SystemExit, match="rope_freqs .Llama 3.1 rope scaling. is not supported"):
+        main([str(tmp_path / "m.gguf"), str(tmp_path / "out")])
+    with pytest.raises(SystemExit, match="GGUF file not found"):
+        main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")])
