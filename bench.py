@@ -218,7 +218,7 @@ def main(argv=None):
     if a.json:
         from quantize import save_atomic
 
-        save_atomic(json.dumps(rows, indent=2).encode(), a.json, lambda data, f: f.write(data))
+        save_atomic(json.dumps(rows, indent=2).encode(), a.json)
     if a.plot:
         plot(rows, a.plot)
 

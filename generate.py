@@ -372,7 +372,7 @@ def parse_args(argv=None):
         "--tokenizer_path",
         type=Path,
         default=None,
-        help="tokenizer file; default: tokenizer.model beside the checkpoint",
+        help="tokenizer file; default: tokenizer.model, else tokenizer.json, beside the checkpoint",
     )
     p.add_argument(
         "--prompt",
@@ -718,13 +718,11 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
     inductor_config.triton.unique_kernel_names = True
     inductor_config.fx_graph_cache = True  # reuse compiled kernels between runs
     if device == "cuda" and "TORCHINDUCTOR_COMPILE_THREADS" not in os.environ:
-        inductor_config.compile_threads = (
-            1  # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
-        )
+        # a warm start loads ~90 Triton kernels from disk; starting a worker pool costs more
+        inductor_config.compile_threads = 1
     if torch.__version__ < (2, 12) and hasattr(inductor_config, "use_static_cuda_launcher"):
-        inductor_config.use_static_cuda_launcher = (
-            False  # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
-        )
+        # torch <= 2.11 re-tunes every kernel at warm start through it (pytorch#172819)
+        inductor_config.use_static_cuda_launcher = False
 
 
 # Under torch.compile, layers of one shape share one compiled graph instead of one inlined copy each: the cold
@@ -1003,7 +1001,7 @@ def save_compile_cache(path: Optional[Path]) -> None:
     if artifacts is not None:
         from quantize import save_atomic
 
-        save_atomic(artifacts[0], path, lambda data, f: f.write(data))
+        save_atomic(artifacts[0], path)
 
 
 def summarize(rows, bytes_per_token, bandwidth, batch_size: int = 1):

@@ -10,9 +10,11 @@ our int4 GEMV on CUDA (kernels.py), for tinygemm (--kernels torch) or for torch'
 """
 
 import argparse
+import json
 import os
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,9 +27,8 @@ from tqdm import tqdm
 from model import ConditionalFeedForward, ModelArgs, Transformer
 
 GROUPSIZES = (32, 64, 128, 256)
-DEQUANT_MIN_ROWS = (
-    64  # int4 inputs with more rows (prefill) dequantize to bf16 and matmul: the int4 kernels are built for few
-)
+# int4 inputs with more rows (prefill) dequantize to bf16 and matmul: the int4 kernels are built for few rows
+DEQUANT_MIN_ROWS = 64
 
 # ---------------------------------------------------------------- quantizers
 
@@ -354,6 +355,14 @@ def read_state_dict(checkpoint_path: Path) -> dict:
     return {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
 
 
+def save_model(state_dict: dict, args: ModelArgs, out_dir: Path) -> Path:
+    """model.pth and model_config.json into out_dir, as the converters write a model; returns model.pth's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_atomic(state_dict, out_dir / "model.pth")
+    save_atomic((json.dumps(asdict(args), indent=2) + "\n").encode(), out_dir / "model_config.json")
+    return out_dir / "model.pth"
+
+
 def quantized_format(state_dict: dict) -> Optional[str]:
     """'int8' or 'int4' when the state dict holds quantized weights (read from the tensors, as loading does)."""
     if any(k.endswith(".scales_and_zeros") for k in state_dict):
@@ -383,13 +392,15 @@ def load_checkpoint_model(checkpoint_path) -> Transformer:
 
 
 def save_atomic(obj, path: Path, save: Optional[Callable] = None) -> None:
-    """save(obj, file) into a temporary file beside path, renamed onto path only once complete: an interrupted or
-    failed write leaves path as it was."""
+    """save(obj, file) (default: the bytes of obj as they are, else torch.save) into a temporary file beside path,
+    renamed onto path only once complete: an interrupted or failed write leaves path as it was."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            (save or torch.save)(obj, f)
+            if save is None:
+                save = (lambda data, f: f.write(data)) if isinstance(obj, bytes) else torch.save
+            save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

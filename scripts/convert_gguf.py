@@ -12,7 +12,6 @@ a tokenizer.json for BPE (gpt2) ones. Then `generate.py --checkpoint_path OUT_DI
 import argparse
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs  # noqa: E402
-from quantize import save_atomic  # noqa: E402
+from quantize import save_atomic, save_model  # noqa: E402
 from tokenizer import LLAMA3_PATTERN  # noqa: E402
 
 LAYER_KEYS = {
@@ -116,7 +115,7 @@ def write_sentencepiece(meta: dict, path: Path) -> None:
     norm = m.normalizer_spec
     norm.name, norm.add_dummy_prefix = "identity", meta.get("tokenizer.ggml.add_space_prefix", True)
     norm.remove_extra_whitespaces, norm.escape_whitespaces = False, True
-    save_atomic(m.SerializeToString(), path, lambda data, f: f.write(data))
+    save_atomic(m.SerializeToString(), path)
 
 
 def write_tokenizer_json(meta: dict, folder: Path) -> None:
@@ -141,14 +140,14 @@ def write_tokenizer_json(meta: dict, folder: Path) -> None:
         tok.post_processor = processors.TemplateProcessing(
             single=f"{tokens[bos]} $A", special_tokens=[(tokens[bos], bos)]
         )
-    save_atomic(tok.to_str().encode(), folder / "tokenizer.json", lambda data, f: f.write(data))
+    save_atomic(tok.to_str().encode(), folder / "tokenizer.json")
     config = {
         "bos_token": tokens[bos] if bos is not None else None,
         "eos_token": tokens[eos] if eos is not None else None,
     }
     if meta.get("tokenizer.chat_template"):
         config["chat_template"] = meta["tokenizer.chat_template"]
-    save_atomic(json.dumps(config, indent=2).encode(), folder / "tokenizer_config.json", lambda data, f: f.write(data))
+    save_atomic(json.dumps(config, indent=2).encode(), folder / "tokenizer_config.json")
 
 
 def convert_gguf(path: Path, out_dir: Path) -> Path:
@@ -157,10 +156,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
     meta = metadata(reader)
     state_dict = convert_tensors(reader)
     args = model_args(meta, state_dict["tok_embeddings.weight"].shape[0], "output.weight" not in state_dict)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_atomic(state_dict, out_dir / "model.pth")
-    config = (json.dumps(asdict(args), indent=2) + "\n").encode()
-    save_atomic(config, out_dir / "model_config.json", lambda data, f: f.write(data))
+    path = save_model(state_dict, args, out_dir)
     kind = meta.get("tokenizer.ggml.model")
     if kind == "llama":
         write_sentencepiece(meta, out_dir / "tokenizer.model")
@@ -168,7 +164,7 @@ def convert_gguf(path: Path, out_dir: Path) -> Path:
         write_tokenizer_json(meta, out_dir)
     else:
         print(f"note: tokenizer model {kind!r} is not rebuilt; pass --tokenizer_path to generate.py")
-    return out_dir / "model.pth"
+    return path
 
 
 def main(argv=None):

@@ -11,7 +11,6 @@ import json
 import re
 import shutil
 import sys
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from model import ModelArgs, Transformer  # noqa: E402
-from quantize import save_atomic  # noqa: E402
+from quantize import save_model  # noqa: E402
 
 TOP_KEYS = {
     "model.embed_tokens.weight": "tok_embeddings.weight",
@@ -178,12 +177,9 @@ def convert_hf_checkpoint(checkpoint_dir: Path, model_name: str | None = None, o
     tensors = tqdm((kv for f in files for kv in iter_tensors(f)), desc="converting", unit=" tensors", disable=None)
     state_dict = convert_state_dict(tensors, args)
     check_complete(state_dict, args)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_atomic(state_dict, out_dir / "model.pth")
-    config = (json.dumps(asdict(args), indent=2) + "\n").encode()
-    save_atomic(config, out_dir / "model_config.json", lambda data, f: f.write(data))
+    path = save_model(state_dict, args, out_dir)
     copy_tokenizer(checkpoint_dir, out_dir)
-    return out_dir / "model.pth"
+    return path
 
 
 def main(argv=None):
