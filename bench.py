@@ -32,7 +32,7 @@ def weight_bytes_per_token(model: torch.nn.Module) -> int:
     embedding and, in a mixture of experts, only the activated experts (top-k of E)."""
     per_storage, cfg = {}, model.config  # tied or fused weights (views of one storage) count once
     for name, t in itertools.chain(model.named_parameters(), model.named_buffers()):
-        if name.endswith(("kv_cache.kv", "freqs_cis", "causal_mask")):
+        if name.endswith(("kv_cache.kv", "freqs_cis", "causal_mask", "row_start")):
             continue
         share = cfg.num_activated_experts / cfg.num_experts if ".cond_ffn." in name else 1.0
         key = t.untyped_storage().data_ptr()
@@ -139,7 +139,8 @@ def table(rows: list[dict]) -> str:
     columns = {
         "precision": "precision", "compile": "compile", "speculate": "speculate", "batch_size": "batch",
         "prompt_len": "prompt",
-        "tok_s": "tokens/s", "ms_token": "ms/token", "ttft_ms": "TTFT ms", "gb_s": "GB/s", "pct": "% of read BW",
+        "tok_s": "tokens/s per sequence", "total_tok_s": "tokens/s in total", "ms_token": "ms/token",
+        "ttft_ms": "TTFT ms", "gb_s": "GB/s", "pct": "% of read BW",
         "card_gb_s": "card read GB/s", "compile_s": "compile s", "memory_gb": "memory GB",
     }  # fmt: skip
     cols, names = list(columns), list(columns.values())
@@ -151,6 +152,8 @@ def table(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Over batch sizes: tokens/s per sequence and in total; over prompt lengths: time to first token; else a bar
+    per setting. One line per weight format (and compile and speculation setting)."""
     try:
         import matplotlib
 
@@ -158,12 +161,33 @@ def plot(rows: list[dict], path: Path) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise SystemExit("error: --plot needs matplotlib: pip install matplotlib") from None
-    labels = [
-        f"{r['precision']} c={r['compile']} s={r['speculate']} b={r['batch_size']} p={r['prompt_len']}" for r in rows
-    ]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
-    ax.barh(labels, [r.get("tok_s", 0) for r in rows])
-    ax.set_xlabel("decode tokens/s")
+    over = next((k for k in ("batch_size", "prompt_len") if len({r[k] for r in rows}) > 1), None)
+    if over is None:
+        labels = [
+            f"{r['precision']} c={r['compile']} s={r['speculate']} b={r['batch_size']} p={r['prompt_len']}"
+            for r in rows
+        ]
+        fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1))
+        ax.barh(labels, [r.get("tok_s", 0) for r in rows])
+        ax.set_xlabel("decode tokens/s")
+    else:
+        panels = [("tok_s", "tokens/s per sequence"), ("total_tok_s", "tokens/s in total")]
+        if over == "prompt_len":
+            panels = [("ttft_ms", "time to first token, ms"), ("tok_s", "decode tokens/s")]
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        lines = {}
+        for r in rows:
+            lines.setdefault((r["precision"], r["compile"], r["speculate"]), []).append(r)
+        for ax, (key, name) in zip(axes, panels, strict=True):
+            for (precision, compiled, spec), rs in lines.items():
+                pts = [(r[over], r[key]) for r in rs if key in r]
+                label = precision + ("" if compiled == "on" else " eager") + ("" if spec == "none" else f" {spec}")
+                ax.plot(*zip(*pts, strict=True), marker="o", label=label) if pts else None
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch size" if over == "batch_size" else "prompt tokens")
+            ax.set_ylabel(name)
+            ax.grid(alpha=0.3)
+            ax.legend()
     fig.tight_layout()
     from quantize import save_atomic
 
@@ -210,6 +234,8 @@ def main(argv=None):
         t0 = time.time()
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
         row = {**s, **parse(proc.stdout), "wall_s": round(time.time() - t0, 1)}
+        if "tok_s" in row:
+            row["total_tok_s"] = row["tok_s"] * s["batch_size"]
         if proc.returncode != 0:
             row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
         print(f"{s} -> {row.get('tok_s', row.get('error'))}", file=sys.stderr, flush=True)

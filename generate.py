@@ -2,6 +2,7 @@
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import sys
@@ -89,12 +90,14 @@ def decode_n_tokens(
     callback=None,
     stop_ids=None,
     decode=decode_one_token,
+    done: Optional[Tensor] = None,
     **sampling_kwargs,
 ) -> tuple[list[Tensor], list[Tensor]]:
-    """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids, or when
-    callback (given each new token [B, 1]) returns True."""
+    """Up to num_new_tokens decode steps; stops early once every row has emitted one of stop_ids (done [B]: the
+    rows that have already), or when callback (given each new token [B, 1]) returns True."""
     new_tokens, new_probs = [], []
-    done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
+    if done is None:
+        done = torch.zeros(cur_token.shape[0], dtype=torch.bool, device=cur_token.device)
     for _ in range(num_new_tokens):
         with sdpa_kernel(SDPBackend.MATH):  # decomposed attention for inductor to fuse (as gpt-fast)
             next_token, next_prob = decode(model, cur_token, input_pos, **sampling_kwargs)
@@ -185,7 +188,7 @@ def speculative_decode(
 @torch.no_grad()
 def generate(
     model: Transformer,
-    prompt: Tensor,
+    prompt: Tensor | list[Tensor],
     max_new_tokens: int,
     *,
     batch_size: int = 1,
@@ -199,16 +202,19 @@ def generate(
     verify_fn=model_forward,
     **sampling_kwargs,
 ) -> tuple[Tensor, dict]:
-    """Generate up to max_new_tokens after prompt [T]; returns (tokens [B, T + n], stats).
+    """Generate up to max_new_tokens after prompt [T] in batch_size rows, or after each prompt of a list, one row
+    each; returns (tokens [B, T + n], stats). Prompts of different lengths are padded on the left to the longest,
+    T (model.set_row_starts): row b's prompt starts at stats["start"][b].
 
     speculate: None, "draft" (needs draft_model) or "ngram". Generation stops early when every row has
     produced a token of stop_ids; the rest of a row after its stop token is left as generated.
     """
-    T = prompt.numel()
-    device = prompt.device
+    prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt.view(-1)] * batch_size
+    batch_size, lengths = len(prompts), [p.numel() for p in prompts]
+    T, device = max(lengths, default=0), prompts[0].device if prompts else torch.device("cpu")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be at least 1")
-    if T < 1:
+    if min(lengths, default=0) < 1:
         raise ValueError("the prompt is empty: generation needs at least one token")
     if speculate is not None and speculate_k < 1:
         raise ValueError(f"speculate_k={speculate_k} must be at least 1")
@@ -228,8 +234,11 @@ def generate(
         draft_model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
     stop = torch.tensor(stop_ids, device=device) if stop_ids else None
 
-    seq = torch.empty(batch_size, T + max_new_tokens, dtype=torch.int, device=device)
-    seq[:, :T] = prompt.view(1, -1)
+    seq = torch.zeros(batch_size, T + max_new_tokens, dtype=torch.int, device=device)
+    for b, p in enumerate(prompts):
+        seq[b, T - p.numel() : T] = p  # [B, T]: left padding
+    start = [T - n for n in lengths]
+    model.set_row_starts(torch.tensor(start, dtype=torch.int))
     x = seq[:, :T]
     input_pos = torch.arange(0, T, device=device)
     next_token = prefill_fn(model, x, input_pos, **sampling_kwargs).clone()
@@ -237,9 +246,10 @@ def generate(
         prefill_fn(draft_model, x, input_pos, **sampling_kwargs)
     seq[:, T] = next_token.view(batch_size)
     stopped = callback is not None and callback(next_token)
-    stats = {"prefill_end": _now(device)}
+    stats = {"prefill_end": _now(device), "start": start}
     n = 1
-    if stopped or (stop is not None and bool(torch.isin(next_token, stop).all())):
+    done = torch.isin(next_token[:, 0], stop) if stop is not None else None
+    if stopped or (done is not None and bool(done.all())):
         return seq[:, : T + 1], stats
 
     if speculate is None:
@@ -251,6 +261,7 @@ def generate(
             callback,
             stop,
             decode_fn,
+            done,
             **sampling_kwargs,
         )
         if tokens:
@@ -359,6 +370,8 @@ def random_model(args: ModelArgs, device, precision=torch.bfloat16, seed: int = 
 
 # ---------------------------------------------------------------- command line
 
+FILE_BATCH_SIZE = 8  # --prompt_file's default --batch_size
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Generate text with a Llama-family or Mixtral model.")
@@ -377,10 +390,23 @@ def parse_args(argv=None):
     p.add_argument(
         "--prompt",
         type=str,
-        default="Hello, my name is",
-        help="prompt text, '-' to read it from stdin, or an integer N for a synthetic prompt of N tokens",
+        default=None,
+        help="prompt text, '-' to read it from stdin, or an integer N for a synthetic prompt of N tokens "
+        "(default: 'Hello, my name is')",
     )
-    p.add_argument("--prompt_file", type=Path, default=None, help="read the prompt from this UTF-8 text file")
+    p.add_argument(
+        "--prompt_file",
+        type=Path,
+        default=None,
+        help='UTF-8 file of prompts, one per line (a .jsonl file: one {"prompt": ...} per line), generated '
+        "--batch_size at a time, each once",
+    )
+    p.add_argument(
+        "--output_jsonl",
+        type=Path,
+        default=None,
+        help='write one {"prompt": ..., "completion": ...} line per prompt (per sequence of the last sample)',
+    )
     p.add_argument(
         "--stop", nargs="+", default=None, metavar="TEXT", help="stop when the output contains any of these strings"
     )
@@ -396,9 +422,15 @@ def parse_args(argv=None):
         action="store_true",
         help="chat: read prompts from stdin, apply the chat template, stream the reply",
     )
-    p.add_argument("--num_samples", type=int, default=5, help="how many times to generate")
+    p.add_argument("--num_samples", type=int, default=None, help="how many times to generate (default 5)")
     p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
-    p.add_argument("--batch_size", type=int, default=1, help="sequences generated in parallel from the same prompt")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="sequences generated together: copies of --prompt, or prompts of --prompt_file (default 1; "
+        f"with --prompt_file {FILE_BATCH_SIZE})",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
     p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
     p.add_argument(
@@ -488,6 +520,10 @@ def parse_args(argv=None):
     if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
     check_args(args)
+    args.prompt = "Hello, my name is" if args.prompt is None else args.prompt
+    args.num_samples = 5 if args.num_samples is None else args.num_samples
+    if args.batch_size is None:
+        args.batch_size = FILE_BATCH_SIZE if args.prompt_file and not args.speculate else 1
     if args.compile_layer_once is None:  # one compiled layer is --compile's default
         args.compile_layer_once = args.compile
     args.groupsize = args.groupsize or 32
@@ -536,13 +572,15 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --groupsize {args.groupsize} is not one of {quantize.GROUPSIZES}")
     if args.prompt_file is not None and not args.prompt_file.is_file():
         raise SystemExit(f"error: --prompt_file {args.prompt_file} is not a file")
+    if args.prompt_file is not None and args.prompt is not None:
+        raise SystemExit("error: --prompt and --prompt_file both give prompts: drop one")
+    if args.prompt_file is not None and (args.interactive or args.num_samples not in (None, 1)):
+        raise SystemExit("error: --prompt_file generates each of its prompts once: drop --interactive or --num_samples")
     if args.system is not None and not args.interactive:
         raise SystemExit("error: --system is the chat's system prompt: add --interactive")
-    if args.interactive and args.batch_size != 1:
+    if args.interactive and args.batch_size not in (None, 1):
         raise SystemExit("error: --interactive chats one sequence at a time: drop --batch_size")
-    if args.stop and args.batch_size != 1:
-        raise SystemExit("error: --stop checks the text of one sequence: drop --batch_size")
-    if args.stream and args.batch_size != 1:
+    if args.stream and (args.batch_size not in (None, 1) or args.prompt_file):
         raise SystemExit("error: --stream prints one sequence as it comes: drop --batch_size or --stream")
     if args.profile is not None and args.interactive:
         raise SystemExit("error: --profile traces the samples of a run, not a chat: drop one of them")
@@ -615,21 +653,36 @@ def load_tokenizer(args, vocab_size: int):
     return tok
 
 
-def encode_prompt(args, tokenizer, vocab_size: int) -> Tensor:
-    if args.prompt.isdigit():  # synthetic prompt of that many tokens
+def encode_prompt(args, tokenizer, vocab_size: int, text: Optional[str] = None) -> Tensor:
+    """Tokens [T] of text (default --prompt); a number N in --prompt: N random tokens (a synthetic prompt)."""
+    if text is None and args.prompt.isdigit():
         g = torch.Generator().manual_seed(args.seed)
         return torch.randint(3, min(vocab_size, 32000), (int(args.prompt),), generator=g).int()
     if tokenizer is None:
         raise SystemExit("error: a text prompt needs a tokenizer: pass --tokenizer_path")
-    return torch.tensor(tokenizer.encode(args.prompt), dtype=torch.int)
+    return torch.tensor(tokenizer.encode(args.prompt if text is None else text), dtype=torch.int)
+
+
+def read_prompts(path: Path) -> list[str]:
+    """--prompt_file's prompts: each non-empty line, or the "prompt" of each line of a .jsonl file."""
+    try:
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+    except UnicodeError:
+        raise SystemExit(f"error: --prompt_file {path} is not UTF-8 text") from None
+    except (ValueError, KeyError, TypeError):
+        prompts = [None]
+    if not all(isinstance(p, str) and p for p in prompts):
+        raise SystemExit(f'error: --prompt_file {path}: each line of a .jsonl file must be {{"prompt": "text"}}')
+    if not prompts:
+        raise SystemExit(f"error: --prompt_file {path} holds no prompt")
+    return prompts
 
 
 def read_prompt(args) -> str:
-    """The prompt text: --prompt_file, stdin for --prompt -, else --prompt; one-line errors for what is not text."""
+    """The prompt text: stdin for --prompt -, else --prompt; one-line errors for what is not text."""
     try:
-        if args.prompt_file is not None:
-            text = args.prompt_file.read_text(encoding="utf-8")
-        elif args.prompt == "-":
+        if args.prompt == "-":
             text = sys.stdin.read()
         else:
             text = args.prompt
@@ -781,7 +834,7 @@ class TextStream:
         return self.text
 
 
-def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, profile: bool):
+def run_sample(model, prompt: Tensor | list[Tensor], args, steps, stop_ids, draft, callback, device, profile: bool):
     """Generate once; returns (tokens [B, T+n], timings)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ctx = torch.profiler.profile() if profile else contextlib.nullcontext()
@@ -799,11 +852,12 @@ def run_sample(model, prompt, args, steps, stop_ids, draft, callback, device, pr
         prof.export_chrome_trace(f"{args.profile}.json")
         key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=25))
-    stats.update(total=t1 - t0, ttft=stats["prefill_end"] - t0, new_tokens=y.shape[1] - prompt.numel())
+    prompt_len = max(p.numel() for p in prompt) if isinstance(prompt, list) else prompt.numel()
+    stats.update(total=t1 - t0, ttft=stats["prefill_end"] - t0, new_tokens=y.shape[1] - prompt_len)
     return y, stats
 
 
-def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 1) -> dict:
+def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 1, label: str = "Sample") -> dict:
     decode_s = stats["total"] - stats["ttft"]
     tok_s = (stats["new_tokens"] - 1) / decode_s if stats["new_tokens"] > 1 else float("nan")
     total = f" per sequence, {batch_size * tok_s:.2f} in total" if batch_size > 1 else ""
@@ -811,7 +865,7 @@ def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 
     pct = f" ({100 * row['gb_s'] / bandwidth:.1f}% of measured read bandwidth)" if bandwidth else ""
     mem = f", memory {torch.cuda.max_memory_reserved() / 1e9:.2f} GB" if device.type == "cuda" else ""
     print(
-        f"Sample {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, "
+        f"{label} {i}: {stats['total']:.2f} s total, {stats['new_tokens']} tokens, "
         f"time to first token {row['ttft'] * 1e3:.1f} ms, "
         f"decode {tok_s:.2f} tokens/s{total}, {row['gb_s']:.1f} GB/s{pct}{mem}"
     )
@@ -892,16 +946,25 @@ def main(argv=None):
 
 
 def prepare_prompt(args, rank: Optional[int] = None):
-    """(tokenizer, prompt tokens [T] on the CPU), the prompt and the sizes checked before any model loads."""
+    """(tokenizer, prompt tokens [T] on the CPU, or a list of them for --prompt_file), the prompts and the sizes
+    checked before any model loads."""
+    texts = read_prompts(args.prompt_file) if args.prompt_file else None
     args.prompt = read_prompt(args)
     try:
         config, weight_bytes = model_config(args)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}") from None
     tokenizer = load_tokenizer(args, config.vocab_size)
-    prompt = encode_prompt(args, tokenizer, config.vocab_size)
+    if texts is not None:
+        prompt = [encode_prompt(args, tokenizer, config.vocab_size, text) for text in texts]
+        args.prompts = texts
+    else:
+        prompt = encode_prompt(args, tokenizer, config.vocab_size)
+    if args.output_jsonl is not None and tokenizer is None:
+        raise SystemExit("error: --output_jsonl writes text: a synthetic prompt has none (pass --tokenizer_path)")
     world = torch.distributed.get_world_size() if rank is not None else 1
-    check_fits(args, config, weight_bytes, prompt.numel(), pick_device(args, rank), world)
+    longest = max(p.numel() for p in prompt) if texts is not None else prompt.numel()
+    check_fits(args, config, weight_bytes, longest, pick_device(args, rank), world)
     return tokenizer, prompt
 
 
@@ -934,14 +997,15 @@ def run(args, rank):
     torch.manual_seed(args.seed)
     tokenizer, prompt = prepare_prompt(args, rank)
     device, model, draft, steps = setup(args, rank)
-    prompt = prompt.to(device)
-    compiling = args.compile or args.compile_prefill
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
-
     stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids()
     if args.stop and tokenizer is None:
         raise SystemExit("error: --stop compares text: a synthetic prompt has no tokenizer (pass --tokenizer_path)")
+    if isinstance(prompt, list):
+        return run_prompt_file(model, draft, tokenizer, [p.to(device) for p in prompt], args, steps, stop_ids, device)
+    prompt = prompt.to(device)
+    compiling = args.compile or args.compile_prefill
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
@@ -951,36 +1015,111 @@ def run(args, rank):
             torch.cuda.reset_peak_memory_stats()
         stream = None
         if tokenizer is not None and (args.stream or args.stop) and i >= 0:
-            stream = TextStream(tokenizer, stop_ids or (), args.stop or (), echo=args.stream)
+            stream = (
+                TextStream(tokenizer, stop_ids or (), args.stop or (), echo=args.stream)
+                if args.batch_size == 1
+                else RowStops(tokenizer, args.batch_size, stop_ids or (), args.stop)
+            )
             if args.stream:
                 print(args.prompt, end="", flush=True)
         last = args.profile is not None and i == args.num_samples - 1
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=last)
         if i < 0:
-            print(
-                f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})"
-                if compiling
-                else f"Warm-up: {stats['total']:.2f} s"
-            )
+            report_warm_up(stats, compiling)
             save_compile_cache(args.compile_cache)
             continue
-        if stream is not None:
-            reply = stream.finish()
-            print() if args.stream else print(args.prompt + reply)
-        elif tokenizer is not None:
-            print_sequences(tokenizer, y, prompt.numel(), stop_ids)
+        if tokenizer is not None:
+            texts = completions(tokenizer, y, prompt.numel(), stats["start"], stop_ids, args.stop)
+            shown = tokenizer.decode(prompt.tolist()) if args.prompt.isdigit() else args.prompt
+            if args.stream:
+                stream.finish()
+                print()
+            for b, text in enumerate(texts if not args.stream else ()):
+                if y.shape[0] > 1:
+                    print(f"--- sequence {b + 1} of {y.shape[0]} ---")
+                print(shown + text)
+            if args.output_jsonl is not None and i == args.num_samples - 1:
+                write_jsonl(args.output_jsonl, [args.prompt] * len(texts), texts)
         rows.append(report(i, stats, bytes_per_token, device, bandwidth, args.batch_size))
     summarize(rows, bytes_per_token, bandwidth, args.batch_size)
 
 
-def print_sequences(tokenizer, y: Tensor, prompt_len: int, stop_ids) -> None:
-    """Each row of y [B, T + n] as text, up to its first stop token; a header per row when there are several."""
+def run_prompt_file(model, draft, tokenizer, prompts: list[Tensor], args, steps, stop_ids, device):
+    """Each prompt of --prompt_file once, --batch_size at a time (the longest first: rows of one batch need less
+    padding); the completions printed and written in the file's order."""
+    B, compiling = args.batch_size, args.compile or args.compile_prefill
+    order = sorted(range(len(prompts)), key=lambda i: -prompts[i].numel())
+    extra = args.speculate_k + 1 if args.speculate else 0
+    model.setup_caches(B, prompts[order[0]].numel() + args.max_new_tokens + extra)  # one compiled step for all
+    bytes_per_token = weight_bytes_per_token(model)
+    bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
+    batches = [order[i : i + B] for i in range(0, len(order), B)]
+    full = [[prompts[i] for i in b] + [prompts[b[-1]]] * (B - len(b)) for b in batches]  # one compiled batch size
+    if compiling or device.type == "cuda":  # compiling and first-run costs stay out of the figures
+        _, stats = run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)
+        report_warm_up(stats, compiling)
+        save_compile_cache(args.compile_cache)
+    results, rows = [""] * len(prompts), []
+    for n, batch in enumerate(batches):
+        stops = RowStops(tokenizer, B, stop_ids or (), args.stop) if args.stop else None
+        y, stats = run_sample(model, full[n], args, steps, stop_ids, draft, stops, device, False)
+        texts = completions(tokenizer, y, y.shape[1] - stats["new_tokens"], stats["start"], stop_ids, args.stop)
+        for i, text in zip(batch, texts, strict=False):
+            results[i] = text
+        rows.append(report(n, stats, bytes_per_token, device, bandwidth, B, label="Batch"))
+    for i, (prompt, text) in enumerate(zip(args.prompts, results, strict=True)):
+        print(f"--- prompt {i + 1} of {len(results)} ---")
+        print(prompt + text)
+    if args.output_jsonl is not None:
+        write_jsonl(args.output_jsonl, args.prompts, results)
+    summarize(rows, bytes_per_token, bandwidth, B)
+
+
+def completions(tokenizer, y: Tensor, T: int, start: list[int], stop_ids, stop_strings=None) -> list[str]:
+    """The text each row of y [B, T + n] adds to its prompt (row b's from start[b] to T), up to its first stop token
+    and before its first stop string. Decoded with the prompt, so that the first word keeps its leading space."""
+    texts = []
     for b, row in enumerate(y.tolist()):
-        reply = row[prompt_len:]
+        prompt, reply = row[start[b] : T], row[T:]
         cut = next((i for i, t in enumerate(reply) if t in (stop_ids or ())), len(reply))
-        if y.shape[0] > 1:
-            print(f"--- sequence {b + 1} of {y.shape[0]} ---")
-        print(tokenizer.decode(row[:prompt_len] + reply[:cut]))
+        text = tokenizer.decode(prompt + reply[:cut])[len(tokenizer.decode(prompt)) :]
+        hits = [i for i in (text.find(s) for s in stop_strings or ()) if i >= 0]
+        texts.append(text[: min(hits)] if hits else text)
+    return texts
+
+
+class RowStops:
+    """Stop strings for a batch: each step, the latest text of each row still running is searched (a host sync per
+    step); True once every row has met a stop token or string."""
+
+    def __init__(self, tokenizer, rows: int, stop_ids, stop_strings):
+        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
+        self.ids, self.done = [[] for _ in range(rows)], [False] * rows
+        self.window = max(len(s) for s in stop_strings) + 8  # tokens: a stop string spans at most len(s)
+
+    def __call__(self, token: Tensor) -> bool:
+        for b, t in enumerate(token.view(-1).tolist()):
+            if self.done[b] or t in self.stop_ids:
+                self.done[b] = True
+                continue
+            self.ids[b].append(t)
+            tail = self.tokenizer.decode(self.ids[b][-self.window :])
+            self.done[b] = any(s in tail for s in self.stop_strings)
+        return all(self.done)
+
+
+def write_jsonl(path: Path, prompts: list[str], completions: list[str]) -> None:
+    pairs = zip(prompts, completions, strict=True)
+    lines = "".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in pairs)
+    quantize.save_atomic(lines.encode(), path)
+
+
+def report_warm_up(stats: dict, compiling: bool) -> None:
+    print(
+        f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})"
+        if compiling
+        else f"Warm-up: {stats['total']:.2f} s"
+    )
 
 
 def compile_cache_summary() -> str:

@@ -30,7 +30,9 @@ try:
 except ImportError:  # CPU-only installs: the plain path
     triton = None
 
-GEMV_MAX_ROWS = 8  # inputs with at most this many rows (decode, speculative verify) take the GEMV kernels
+GEMV_MAX_ROWS = 1  # one row (decode at batch 1) takes the GEMV kernels; from 2 rows dequant_matmul is faster
+MATMUL_MAX_ROWS = 64  # up to this many rows (batched decode, speculative verify) take dequant_matmul
+FLOAT_MATMUL_MAX_ROWS = 32  # float weights: from 64 rows cuBLAS is as fast or faster
 
 
 # ---------------------------------------------------------------- the int4 GEMV's weight layout
@@ -363,6 +365,101 @@ def decode_gemv(
     )
 
 
+# ---------------------------------------------------------------- Triton matmul (batched decode: 2 to 64 rows)
+
+if triton is not None:
+
+    @triton.jit
+    def int4_code(w, i: tl.constexpr):
+        """Code i of each int32 word of pack_int4_gemv's layout (bits int4_gemv_shift(i); code 7 wraps round)."""
+        if i == 7:
+            return ((w >> 31) & 1) | ((w & 7) << 1)
+        return (w >> (4 * i + 3)) & 15
+
+    @triton.jit
+    def dequant_matmul_kernel(
+        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SZ_STRIDE, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    ):  # fmt: skip
+        """y [M, N] = x [M, K] w^T where each weight tile is read and dequantized once for BLOCK_M rows of x and
+        multiplied on the tensor cores (a GEMV reads or converts it once per row). Weights as gemv takes them:
+        float [N, K]; int8 [N, K] with scales [N]; int4 int32 [N, K/8] with (scale, zero) as int32 [K/G, N], rows
+        SZ_STRIDE apart. The tile is computed transposed, w x^T [BLOCK_N, BLOCK_M], so the dequantized w is the dot's
+        register operand."""
+        pid_n, pid_m = tl.program_id(0), tl.program_id(1)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        n_ok, m_ok = offs_n[:, None] < N, offs_m[None, :] < M
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
+        if w_ptr.dtype.element_ty == tl.int32:  # int4: a word holds 8 codes, k = 32 chunk + 4 i + j
+            words = tl.arange(0, BLOCK_K // 8)
+            for k0 in range(0, K, BLOCK_K):
+                word = k0 // 8 + words  # [BLOCK_K / 8]
+                live = word[None, :] < K // 8
+                w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + word[None, :], mask=n_ok & live, other=0)
+                sz_off = (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None]
+                sz = tl.load(s_ptr + sz_off, mask=n_ok & live, other=0)  # 0: q * 0 + 0 where masked
+                s, z = (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+                k = 32 * (word // 4) + word % 4  # k of each word's code 0
+                for i in tl.static_range(8):
+                    q = (int4_code(w, i) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8, exact
+                    x_off = offs_m[None, :] * K + (k + 4 * i)[:, None]  # [BLOCK_K / 8, BLOCK_M]
+                    xt = tl.load(x_ptr + x_off, mask=m_ok & (word[:, None] < K // 8), other=0.0)
+                    acc = tl.dot((q * s + z).to(x_ptr.dtype.element_ty), xt, acc)
+        else:
+            offs_k = tl.arange(0, BLOCK_K)
+            for k0 in range(0, K, BLOCK_K):
+                k = k0 + offs_k
+                w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok & (k[None, :] < K), other=0)
+                if w_ptr.dtype.element_ty == tl.int8:
+                    w = int8_to_float(w)  # exact in bf16 too
+                xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
+                acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
+            if w_ptr.dtype.element_ty == tl.int8:
+                acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
+        tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=n_ok & m_ok)
+
+    _cm = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=4)
+        for n in (16, 32, 64)
+        for k in (128, 256, 512)
+    ]
+    dequant_matmul_tuned = triton.autotune(_cm, key=["M", "N", "K"])(dequant_matmul_kernel)
+
+
+def dequant_matmul(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groupsize: int = 0, pdl: bool = False,
+                   **config) -> Tensor:  # fmt: skip
+    """x [M, K] (bf16 or fp16) @ w^T on dequant_matmul_kernel, w and scales as gemv takes them -> y [M, N]. config
+    fixes the tile (tests), else autotuned per shape."""
+    M, K = x.shape
+    N = w.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    s = w if scales is None else (scales.view(torch.int32) if w.dtype == torch.int32 else scales)
+    stride = s.stride(0) if w.dtype == torch.int32 else 0
+    block_m = min(64, max(16, triton.next_power_of_2(M)))  # the dot's smallest side is 16
+    launch = {"launch_pdl": True} if pdl else {}
+    kernel = dequant_matmul_kernel if config else dequant_matmul_tuned
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
+    kernel[grid](x, w, s, y, M, N, K, stride, GROUP=groupsize, BLOCK_M=block_m, PDL=pdl, **launch, **config)
+    return y
+
+
+if triton is not None:
+
+    @torch.library.custom_op("gptfast::dequant_matmul", mutates_args=())
+    def dequant_matmul_op(x: Tensor, w: Tensor, scales: Optional[Tensor], groupsize: int, pdl: bool) -> Tensor:
+        """dequant_matmul as an opaque op, as gemv_op."""
+        return dequant_matmul(x, w, scales, groupsize, pdl)
+
+    @dequant_matmul_op.register_fake
+    def _(x, w, scales, groupsize, pdl):
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
 # ---------------------------------------------------------------- decode attention in one kernel
 
 if triton is not None:
@@ -485,7 +582,7 @@ class KernelAttention(Attention):
 
     def attend(self, qkv: Tensor, freqs_cis: Tensor, mask: Optional[Tensor], input_pos: Tensor) -> Tensor:
         B, S, _ = qkv.shape
-        if S != 1 or mask is None:
+        if S != 1 or mask is None or mask.shape[0] > 1:  # prefill, verify, or a left-padded batch: the plain path
             return super().attend(qkv, freqs_cis, mask, input_pos)
         _, _, _, k_all, v_all = self.write_cache(qkv, freqs_cis, input_pos)
         y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.pdl)
@@ -555,12 +652,26 @@ class GemvLinear(nn.Module):
 
     kernel_tensors: tuple = ("weight", None, 0)
     max_rows = GEMV_MAX_ROWS
+    matmul_rows = MATMUL_MAX_ROWS
     use_triton = pdl = False  # set by use_triton_kernels
     groupsize = 0
     norm_in_kernel = True  # FusedBlock: the RMSNorm inside this layer's GEMV, else an inductor kernel before it
 
     def on_gemv(self, x: Tensor) -> bool:
         return self.use_triton and x.numel() // x.shape[-1] <= self.max_rows
+
+    def on_matmul(self, x: Tensor) -> bool:
+        """A few rows in bf16 or fp16 (the tensor cores' inputs): dequant_matmul."""
+        rows = x.numel() // x.shape[-1]
+        return self.use_triton and rows <= self.matmul_rows and x.dtype in (torch.bfloat16, torch.float16)
+
+    def matmul(self, x: Tensor) -> Tensor:
+        """x [..., K] -> [..., N] on dequant_matmul."""
+        w, s, _ = self.kernel_tensors
+        rows = x.numel() // x.shape[-1]
+        scales = getattr(self, s) if s else None
+        y = dequant_matmul_op(x.reshape(rows, -1).contiguous(), getattr(self, w), scales, self.groupsize, self.pdl)
+        return y.view(*x.shape[:-1], -1)
 
     def gemv(self, x: Tensor, norm: Optional[nn.Module] = None, residual: Optional[Tensor] = None) -> Tensor:
         """x [..., K] -> [..., N] on the kernel; norm (an RMSNorm) applied to x on the way in (by an inductor kernel
@@ -574,9 +685,11 @@ class GemvLinear(nn.Module):
 
 
 class FloatGemvLinear(GemvLinear):
-    """A float linear layer on our GEMV at decode: wo, w2 and the output layer, where inductor's batch-1 reductions
-    read below the card's bandwidth, and all five of a fused block. Made by use_triton_kernels on CUDA; larger
-    inputs use F.linear."""
+    """A float linear layer on our GEMV at batch-1 decode (wo, w2 and the output layer, where inductor's batch-1
+    reductions read below the card's bandwidth, and all five of a fused block) and on dequant_matmul for a few
+    rows. Made by use_triton_kernels on CUDA; larger inputs use F.linear (cuBLAS)."""
+
+    matmul_rows = FLOAT_MATMUL_MAX_ROWS
 
     def __init__(self, lin: nn.Linear):
         super().__init__()
@@ -584,30 +697,41 @@ class FloatGemvLinear(GemvLinear):
         self.use_triton = self.pdl = False
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.gemv(x) if self.on_gemv(x) else F.linear(x, self.weight)
+        if self.on_gemv(x):
+            return self.gemv(x)
+        return self.matmul(x) if self.on_matmul(x) else F.linear(x, self.weight)
 
 
 class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
-    """An int8 layer whose decode steps run on int8_gemv_kernel. use_triton_kernels swaps the class of each
-    WeightOnlyInt8Linear for it: the same tensors and checkpoint keys."""
+    """An int8 layer whose decode steps run on int8_gemv_kernel (one row) or dequant_matmul (a few). use_triton_kernels
+    swaps the class of each WeightOnlyInt8Linear for it: the same tensors and checkpoint keys."""
 
     kernel_tensors = ("weight", "scales", 0)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.gemv(x) if self.on_gemv(x) else super().forward(x)
+        if self.on_gemv(x):
+            return self.gemv(x)
+        return self.matmul(x) if self.on_matmul(x) else super().forward(x)
 
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
-    """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): decode steps and prompts of up to max_rows rows
-    on the kernel; longer prompts read the codes back out of its layout and run one matmul."""
+    """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): one row on the GEMV, a few on dequant_matmul (in
+    float32, the GEMV up to max_rows rows); longer prompts read the codes back out of its layout and run one
+    matmul."""
 
     kernel_tensors = ("packed", "scales_and_zeros", 1)
-    max_rows = DEQUANT_MIN_ROWS
+    max_rows = DEQUANT_MIN_ROWS  # float32 inputs (no dequant_matmul) take the GEMV up to here
     norm_in_kernel = False  # slower with it: a norm kernel before it is cheaper (docs/dropped.md)
+
+    def on_gemv(self, x: Tensor) -> bool:
+        rows = x.numel() // x.shape[-1]
+        return self.use_triton and (rows <= GEMV_MAX_ROWS or (rows <= self.max_rows and not self.on_matmul(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.on_gemv(x):
             return self.gemv(x)
+        if self.on_matmul(x):
+            return self.matmul(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
         y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
@@ -656,7 +780,7 @@ class GatedFeedForward(FeedForward):
 
 
 class FusedBlock(TransformerBlock):
-    """A transformer layer whose decode step (at most GEMV_MAX_ROWS rows) runs on four of our kernels plus attention:
+    """A transformer layer whose batch-1 decode step (GEMV_MAX_ROWS rows) runs on four of our kernels plus attention:
     wqkv and the gated w1/w3 kernel RMS-normalize their input as they read it (int4: a norm kernel before them), wo
     and w2 add the residual as they store. That removes the add and norm kernels between them. Made by
     use_triton_kernels, on one GPU."""

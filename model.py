@@ -175,6 +175,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         self.max_batch_size = -1
         self.max_seq_length = -1
+        self.left_padded = False  # set_row_starts: rows of different prompts, padded on the left
         self.decode_layer = run_layer  # how decode steps call each layer: generate.py's --compile_layer_once swaps it
 
     @classmethod
@@ -202,6 +203,26 @@ class Transformer(nn.Module):
         self.register_buffer("freqs_cis", freqs.to(device=device, dtype=dtype), persistent=False)
         mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
         self.register_buffer("causal_mask", mask, persistent=False)
+        self.register_buffer("row_start", torch.zeros(max_batch_size, dtype=torch.int, device=device), persistent=False)
+        self.left_padded = False
+
+    def set_row_starts(self, start: Optional[Tensor]) -> None:
+        """Prompts of different lengths in one batch, padded on the left to a common length: row b's tokens start
+        at position start[b] [B], and attention ignores the cache before it. RoPE depends only on the distance
+        between positions, so a row's attention is that of its prompt alone; every row shares one position, so the
+        cache writes and the decode step stay those of a batch of one prompt. None: no padding."""
+        self.left_padded = start is not None and bool((start > 0).any())
+        self.row_start.zero_()
+        if self.left_padded:
+            self.row_start[: start.numel()] = start.to(self.row_start.device)
+
+    def padding_mask(self, input_pos: Tensor, batch: int) -> Tensor:
+        """The causal mask without each row's left padding [B, 1, S, S_max]; a padding position attends to itself
+        alone, so that no row of its softmax is empty (NaN)."""
+        kv = torch.arange(self.max_seq_length, device=input_pos.device)
+        own = kv[None, :] == input_pos[:, None]  # [S, S_max]
+        real = kv >= self.row_start[:batch, None, None, None]  # [B, 1, 1, S_max]
+        return self.causal_mask[None, None, input_pos] & (real | own)
 
     def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
         """idx [B, S] token ids at positions input_pos [S]; returns logits [B, S, V].
@@ -212,6 +233,8 @@ class Transformer(nn.Module):
         if self.max_seq_length < 0:
             raise RuntimeError("call setup_caches() before forward()")
         mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
+        if self.left_padded:
+            mask = self.padding_mask(input_pos, idx.shape[0])  # [B, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
         run = run_layer if prefill else self.decode_layer  # prefill's dynamic shapes: one layer region is refused

@@ -60,3 +60,28 @@ def test_plot_writes_a_png(tmp_path):
     rows = [dict(precision="bf16", compile="on", speculate="none", batch_size=1, prompt_len=16, tok_s=175.0)]
     bench.plot(rows, tmp_path / "p.png")
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_over_batch_sizes_and_prompt_lengths_draw_one_line_per_format(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    base = dict(compile="on", speculate="none", prompt_len=16)
+    rows = [
+        dict(base, precision=p, batch_size=b, tok_s=100.0 / b**0.1, total_tok_s=100.0 * b**0.9)
+        for p in ("bf16", "int8")
+        for b in (1, 8, 64)
+    ]
+    bench.plot(rows, tmp_path / "batch.png")
+    fig = plt.gcf()
+    drawn = [[line.get_label() for line in ax.get_lines()] for ax in fig.axes]
+    assert drawn == [["bf16", "int8"], ["bf16", "int8"]]
+    assert fig.axes[1].get_ylabel() == "tokens/s in total" and list(fig.axes[1].get_lines()[0].get_xdata()) == [
+        1,
+        8,
+        64,
+    ]
+    rows = [dict(base, precision="int4", batch_size=1, prompt_len=n, ttft_ms=n / 100, tok_s=100.0) for n in (16, 512)]
+    bench.plot(rows, tmp_path / "prompt.png")
+    assert plt.gcf().axes[0].get_ylabel() == "time to first token, ms"
+    assert (tmp_path / "prompt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -72,9 +72,11 @@ def test_flags_without_effect_are_errors_before_loading(tmp_path):
     assert "--groupsize only applies with --quantize int4" in error("--checkpoint_path", missing, "--groupsize", "64")
     assert "--groupsize only applies" in error("--random_init", "stories15M", "--quantize", "int8", "--groupsize", "64")
     assert "--system is the chat's system prompt" in error("--checkpoint_path", missing, "--system", "Be brief.")
-    assert "--stop checks the text of one sequence" in error(
-        "--checkpoint_path", missing, "--stop", "x", "--batch_size", "2"
-    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Once upon a time\n")
+    assert "--prompt and --prompt_file both give prompts" in error("--prompt_file", prompts, "--prompt", "Hi")
+    assert "generates each of its prompts once" in error("--prompt_file", prompts, "--num_samples", "2")
+    assert "--stream prints one sequence" in error("--prompt_file", prompts, "--stream")
     assert "--speculate_k applies to speculative decoding" in error("--checkpoint_path", missing, "--speculate_k", "3")
     assert "--compile_cache keeps compiled code" in error("--checkpoint_path", missing, "--compile_cache", "c.bin")
     assert "--kernels torch picks CUDA kernels" in error("--checkpoint_path", missing, "--kernels", "torch")
@@ -158,6 +160,54 @@ def test_stop_strings_end_the_text_before_them(capsys, stream):
     text = out.split("Loaded model")[1].split("\n", 1)[1].split("Sample 0")[0]
     assert text.strip() == STORY[: STORY.index("park")].strip()
     assert ", 26 tokens," in out  # generation stopped at the token that completed "park", not at 100
+
+
+PROMPTS = ["Once upon a time", "Lily", "The dog ran to the park and saw a big red ball. He", "One day,", "Tom"]
+
+
+def greedy_alone(prompts: list[str], max_new_tokens: int) -> list[str]:
+    """Each prompt's greedy completion, generated alone (batch 1) through the library."""
+    tok = get_tokenizer(STORIES / "tokenizer.model")
+    model = generate.load_model(STORIES / "model.pth", "cpu", torch.float32)
+    out = []
+    for text in prompts:
+        ids = torch.tensor(tok.encode(text), dtype=torch.int)
+        y, _ = generate.generate(model, ids, max_new_tokens, temperature=0, stop_ids=tok.stop_ids())
+        out += generate.completions(tok, y, ids.numel(), [0], tok.stop_ids())
+    return out
+
+
+def test_a_prompt_file_runs_in_batches_and_each_row_equals_its_prompt_alone(capsys, tmp_path):
+    (tmp_path / "prompts.txt").write_text("\n".join(PROMPTS) + "\n\n")  # a blank line is no prompt
+    out_file = tmp_path / "out.jsonl"
+    argv = ["--prompt_file", tmp_path / "prompts.txt", "--temperature", "0", "--max_new_tokens", "48"]
+    out = run(capsys, *argv, "--batch_size", "2", "--output_jsonl", out_file)
+    rows = [json.loads(line) for line in out_file.read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == PROMPTS  # the file's order, though run longest first in 3 batches
+    assert [r["completion"] for r in rows] == greedy_alone(PROMPTS, 48)
+    assert out.count("Batch ") == 3 and "--- prompt 5 of 5 ---\nTom" + rows[4]["completion"] in out
+    # a .jsonl file of prompts, all in one batch, each row stopping at its own stop string
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    run(capsys, *argv[2:], "--prompt_file", tmp_path / "prompts.jsonl", "--stop", ".", "--output_jsonl", out_file)
+    stopped = [json.loads(line)["completion"] for line in out_file.read_text().splitlines()]
+    assert stopped == [r["completion"].split(".")[0] for r in rows]
+
+
+def test_a_batch_of_prompts_of_different_lengths_equals_each_alone_in_the_library():
+    tok = get_tokenizer(STORIES / "tokenizer.model")
+    model = generate.load_model(STORIES / "model.pth", "cpu", torch.float32)
+    ids = [torch.tensor(tok.encode(p), dtype=torch.int) for p in PROMPTS]
+    y, stats = generate.generate(model, ids, 48, temperature=0, stop_ids=tok.stop_ids())
+    T = max(p.numel() for p in ids)
+    assert stats["start"] == [T - p.numel() for p in ids] and min(stats["start"]) == 0
+    assert generate.completions(tok, y, T, stats["start"], tok.stop_ids()) == greedy_alone(PROMPTS, 48)
+
+
+def test_prompt_file_errors_are_one_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"text": "no prompt key"}\n')
+    assert 'each line of a .jsonl file must be {"prompt": "text"}' in error("--prompt_file", tmp_path / "bad.jsonl")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert "holds no prompt" in error("--prompt_file", tmp_path / "empty.txt")
 
 
 def test_the_chat_system_prompt_goes_into_the_first_turn():

@@ -134,6 +134,33 @@ def test_int4_gemv_layout_round_trips_and_places_code_i_at_bit_4i_plus_3():
     assert word == 0x80000007
 
 
+MATMUL_CHECK = """
+import torch, kernels as k, quantize as q
+def rel(a, b): return float((a - b).norm() / b.norm())
+torch.manual_seed(0)
+tile = dict(BLOCK_N=16, BLOCK_K=128)
+for M, N, K, G in [(2, 37, 320, 32), (5, 24, 512, 64), (17, 16, 256, 128)]:  # ragged N and K; two row blocks
+    w, x = torch.randn(2 * N, K), torch.randn(M, K).half()  # fp16: the interpreter's bf16 dot is wrong
+    ref = lambda wf: x.float() @ wf.t()  # noqa: E731
+    assert rel(k.dequant_matmul(x, w.half(), **tile).float(), ref(w.half().float())) < 1e-3, ("float", M)
+    c, s = q.quantize_int8(w)
+    assert rel(k.dequant_matmul(x, c, s.half(), **tile).float(), ref(c.float() * s.half().float()[:, None])) < 1e-3
+    packed, sz = q.quantize_int4(w, G)
+    sz = sz.to(torch.bfloat16)
+    wf = q.dequantize_int4(packed, sz, torch.float32)
+    y = k.dequant_matmul(x, k.pack_int4_gemv(packed)[:N], sz[:, :N], G, **tile)  # w1 of a gated pair: strided scales
+    assert rel(y.float(), ref(wf[:N])) < 1e-3, ("int4", M, N, K, G)
+print("ok")
+"""
+
+
+def test_triton_dequant_matmul_matches_the_plain_pytorch_reference():
+    """The batched-decode kernel (a few rows, each weight tile dequantized once) for float, int8 and int4 weights, in
+    Triton's interpreter (fp16: its bf16 dot is wrong), against the dequantized matmul."""
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(MATMUL_CHECK)
+
+
 TRITON_INT4_CHECK = """
 import torch, triton, kernels as k, quantize as q
 from conftest import prefill_then_decode, random_transformer, tiny_args

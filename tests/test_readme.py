@@ -75,6 +75,7 @@ def template(tmp_path_factory):
     model = load_checkpoint_model(STORIES / "model.pth").float()
     write_gguf(demo / "model.gguf", model, tokenizer_fields=sentencepiece_fields(STORIES / "tokenizer.model"))
     convert_gguf(demo / "model.gguf", demo / "from_gguf")  # what the README's generate command reads
+    (tmp_path / "prompts.txt").write_text("Once upon a time\nLily and Tom\nOne day, a little dog\n")
     for name, repeats in (("my_text.txt", 40), ("passage.txt", 2), ("wiki.test.raw", 40)):
         (tmp_path / name).write_text((STORY + "\n") * repeats)
     return tmp_path
