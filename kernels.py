@@ -6,6 +6,7 @@ one gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); 
 decode step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
 """
 
+import copy
 from typing import Optional
 
 import torch
@@ -651,14 +652,15 @@ class GemvLinear(nn.Module):
     of the scales along the output features (GatedFeedForward stacks w1 and w3 along it)."""
 
     kernel_tensors: tuple = ("weight", None, 0)
-    max_rows = GEMV_MAX_ROWS
+    max_rows = 8  # float32 inputs (no tensor-core dot) take the GEMV up to here
     matmul_rows = MATMUL_MAX_ROWS
     use_triton = pdl = False  # set by use_triton_kernels
     groupsize = 0
     norm_in_kernel = True  # FusedBlock: the RMSNorm inside this layer's GEMV, else an inductor kernel before it
 
     def on_gemv(self, x: Tensor) -> bool:
-        return self.use_triton and x.numel() // x.shape[-1] <= self.max_rows
+        rows = x.numel() // x.shape[-1]
+        return self.use_triton and (rows <= GEMV_MAX_ROWS or (rows <= self.max_rows and x.dtype == torch.float32))
 
     def on_matmul(self, x: Tensor) -> bool:
         """A few rows in bf16 or fp16 (the tensor cores' inputs): dequant_matmul."""
@@ -716,16 +718,11 @@ class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
     """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): one row on the GEMV, a few on dequant_matmul (in
-    float32, the GEMV up to max_rows rows); longer prompts read the codes back out of its layout and run one
-    matmul."""
+    float32 on the GEMV); longer prompts read the codes back out of its layout and run one matmul."""
 
     kernel_tensors = ("packed", "scales_and_zeros", 1)
-    max_rows = DEQUANT_MIN_ROWS  # float32 inputs (no dequant_matmul) take the GEMV up to here
+    max_rows = DEQUANT_MIN_ROWS
     norm_in_kernel = False  # slower with it: a norm kernel before it is cheaper (docs/dropped.md)
-
-    def on_gemv(self, x: Tensor) -> bool:
-        rows = x.numel() // x.shape[-1]
-        return self.use_triton and (rows <= GEMV_MAX_ROWS or (rows <= self.max_rows and not self.on_matmul(x)))
 
     def forward(self, x: Tensor) -> Tensor:
         if self.on_gemv(x):
@@ -768,15 +765,31 @@ class GatedFeedForward(FeedForward):
             self.s13 = torch.cat([getattr(ff.w1, s_name), getattr(ff.w3, s_name)], s_dim)
             for lin, part in zip((self.w1, self.w3), self.s13.split(hidden, s_dim), strict=True):
                 setattr(lin, s_name, part)
+        self.w1w3 = stacked_layer(self.w1, self.w13, self.s13)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(self.gemv(x)) if self.w1.on_gemv(x) and self.w3.on_gemv(x) else super().forward(x)
+        if self.w1.on_gemv(x) and self.w3.on_gemv(x):
+            return self.w2(self.gemv(x))
+        a, b = self.w1w3(x).chunk(2, dim=-1)  # w1 and w3 through one tensor: a compiled layer takes no aliased inputs
+        return self.w2(self.store_hidden(F.silu(a) * b))
 
     def gemv(self, x: Tensor, norm: Optional[nn.Module] = None) -> Tensor:
         """silu(w1 x) * w3 x [..., I] on the kernel; norm (an RMSNorm) applied to x on the way in."""
         if norm is not None and not self.w1.norm_in_kernel:
             x, norm = norm(x), None
         return decode_gemv(self.w13, self.s13, self.w1.groupsize, self.w1.pdl, x, norm, gated=True)
+
+
+def stacked_layer(lin: GemvLinear, w13: Tensor, s13: Optional[Tensor]) -> GemvLinear:
+    """A layer of lin's class and settings on the stacked [w1; w3] tensors (their scales s13): [..., K] -> [..., 2I]."""
+    both = copy.copy(lin)
+    both._parameters, both._buffers = dict(lin._parameters), dict(lin._buffers)  # its own, not lin's
+    w_name, s_name, _ = lin.kernel_tensors
+    setattr(both, w_name, nn.Parameter(w13, requires_grad=False) if w_name in lin._parameters else w13)
+    if s_name:
+        setattr(both, s_name, s13)
+    both.out_features = 2 * lin.out_features
+    return both
 
 
 class FusedBlock(TransformerBlock):

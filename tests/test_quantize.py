@@ -161,6 +161,45 @@ def test_triton_dequant_matmul_matches_the_plain_pytorch_reference():
     run_in_triton_interpreter(MATMUL_CHECK)
 
 
+BATCHED_STEP_CHECK = """
+import copy, torch, triton, generate, kernels as k, quantize as q
+from conftest import random_transformer, tiny_args
+one = [triton.Config({"BLOCK_N": 16, "BLOCK_K": 128})]
+k.dequant_matmul_tuned = triton.autotune(one, key=["N"])(k.dequant_matmul_kernel)
+def rel(a, b): return float((a.float() - b.float()).norm() / b.float().norm())
+torch.manual_seed(0)
+torch.set_grad_enabled(False)
+tokens = torch.randint(0, 64, (2, 16))
+for kind in ("float", "int8", "int4"):
+    plain = random_transformer(tiny_args(vocab_size=64))
+    if kind != "float":
+        plain = q.quantize_model(plain, kind, 32)
+    plain = plain.half()
+    for m in list(plain.modules()):
+        if isinstance(m, q.WeightOnlyInt4Linear):
+            k.to_int4_gemv(m, m.weight.device)
+    fused = copy.deepcopy(plain)
+    k.use_triton_kernels(fused, "auto", pdl=False)
+    for m in (plain, fused):
+        m.setup_caches(2, 32)
+        m(tokens[:, :12], torch.arange(12), prefill=True)
+    fused.decode_layer = generate.run_layer_once
+    step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+    pos = torch.tensor([12])
+    a, b = step(fused, tokens[:, 12:13], pos), plain(tokens[:, 12:13], pos)
+    assert rel(a, b) < 3e-3, (kind, rel(a, b))
+print("ok")
+"""
+
+
+def test_a_compiled_batched_decode_step_on_dequant_matmul_equals_the_plain_model():
+    """Two rows of decode (fp16) through kernels="auto" for float, int8 and int4 weights, compiled as generate.py
+    does (one layer region): w1 and w3 on dequant_matmul through their stacked tensor (two views of one buffer are
+    not allowed into a compiled region), against the plain model."""
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(BATCHED_STEP_CHECK)
+
+
 TRITON_INT4_CHECK = """
 import torch, triton, kernels as k, quantize as q
 from conftest import prefill_then_decode, random_transformer, tiny_args
