@@ -652,7 +652,7 @@ class GemvLinear(nn.Module):
     of the scales along the output features (GatedFeedForward stacks w1 and w3 along it)."""
 
     kernel_tensors: tuple = ("weight", None, 0)
-    max_rows = 8  # float32 inputs (no tensor-core dot) take the GEMV up to here
+    max_rows = 8  # without dequant_matmul (float32, eager) the GEMV takes up to this many rows
     matmul_rows = MATMUL_MAX_ROWS
     use_triton = pdl = False  # set by use_triton_kernels
     groupsize = 0
@@ -660,12 +660,14 @@ class GemvLinear(nn.Module):
 
     def on_gemv(self, x: Tensor) -> bool:
         rows = x.numel() // x.shape[-1]
-        return self.use_triton and (rows <= GEMV_MAX_ROWS or (rows <= self.max_rows and x.dtype == torch.float32))
+        return self.use_triton and (rows <= GEMV_MAX_ROWS or (rows <= self.max_rows and not self.on_matmul(x)))
 
     def on_matmul(self, x: Tensor) -> bool:
-        """A few rows in bf16 or fp16 (the tensor cores' inputs): dequant_matmul."""
+        """A few rows in bf16 or fp16 (the tensor cores' inputs) in a compiled step: dequant_matmul. Eager (an
+        uncompiled prefill), each launch through the autotuner costs more host time than the kernel saves."""
         rows = x.numel() // x.shape[-1]
-        return self.use_triton and rows <= self.matmul_rows and x.dtype in (torch.bfloat16, torch.float16)
+        tensor_cores = x.dtype in (torch.bfloat16, torch.float16)
+        return self.use_triton and rows <= self.matmul_rows and tensor_cores and torch.compiler.is_compiling()
 
     def matmul(self, x: Tensor) -> Tensor:
         """x [..., K] -> [..., N] on dequant_matmul."""

@@ -147,7 +147,8 @@ def test_compiled_default_decode_steps_match_eager_teacher_forced(stories, mode)
 def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode):
     """Batches of 2 and 8 rows on the compiled defaults (dequant_matmul, where batch 1 takes the GEMVs): one prompt
     repeated, and prompts of 8 different lengths (left padding). Each generated token must be the greedy choice of
-    the plain eager model run on that row alone, up to bf16 near-ties: its logit within 0.1 of the top one."""
+    the plain eager model run on that row alone, up to bf16 near-ties: its logit within 0.25 of the top one, and the
+    top one 9 times in 10."""
     path = stories
     if mode != "bf16":
         cli("quantize.py", "--checkpoint_path", str(stories), "--mode", mode, "--device", "cuda")
@@ -166,7 +167,7 @@ def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode):
             logits = plain(row[None, :-1], torch.arange(row.numel() - 1, device="cuda"), prefill=True)[0].float()
             chosen = logits[T - start - 1 :]  # the logits that chose each new token: [40, V]
             gap = chosen.max(-1).values - chosen.gather(-1, row[T - start :, None].long())[:, 0]
-            assert gap.max() <= 0.1, (len(prompts), b, gap)
+            assert gap.max() <= 0.25 and (gap == 0).float().mean() >= 0.9, (len(prompts), b, gap)
             assert torch.equal(row[: T - start], prompts[b])  # the prompt itself, unpadded
 
 
