@@ -373,8 +373,8 @@ def random_model(args: ModelArgs, device, precision=torch.bfloat16, seed: int = 
 FILE_BATCH_SIZE = 8  # --prompt_file's default --batch_size
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description="Generate text with a Llama-family or Mixtral model.")
+def add_model_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that load and compile a model: generate.py's and serve.py's."""
     p.add_argument(
         "--checkpoint_path",
         type=Path,
@@ -386,55 +386,6 @@ def parse_args(argv=None):
         type=Path,
         default=None,
         help="tokenizer file; default: tokenizer.model, else tokenizer.json, beside the checkpoint",
-    )
-    p.add_argument(
-        "--prompt",
-        type=str,
-        default=None,
-        help="prompt text, '-' to read it from stdin, or an integer N for a synthetic prompt of N tokens "
-        "(default: 'Hello, my name is')",
-    )
-    p.add_argument(
-        "--prompt_file",
-        type=Path,
-        default=None,
-        help='UTF-8 file of prompts, one per line (a .jsonl file: one {"prompt": ...} per line), generated '
-        "--batch_size at a time, each once",
-    )
-    p.add_argument(
-        "--output_jsonl",
-        type=Path,
-        default=None,
-        help='write one {"prompt": ..., "completion": ...} line per prompt (per sequence of the last sample)',
-    )
-    p.add_argument(
-        "--stop", nargs="+", default=None, metavar="TEXT", help="stop when the output contains any of these strings"
-    )
-    p.add_argument("--system", type=str, default=None, help="with --interactive: a system prompt for the chat")
-    p.add_argument(
-        "--stream",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="print the text as it comes (default: on when writing to a terminal, with one sequence)",
-    )
-    p.add_argument(
-        "--interactive",
-        action="store_true",
-        help="chat: read prompts from stdin, apply the chat template, stream the reply",
-    )
-    p.add_argument("--num_samples", type=int, default=None, help="how many times to generate (default 5)")
-    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
-    p.add_argument(
-        "--batch_size",
-        type=int,
-        default=None,
-        help="sequences generated together: copies of --prompt, or prompts of --prompt_file (default 1; "
-        f"with --prompt_file {FILE_BATCH_SIZE})",
-    )
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
-    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
-    p.add_argument(
-        "--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass"
     )
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
     p.add_argument(
@@ -485,17 +436,70 @@ def parse_args(argv=None):
         choices=["auto", "gemv", "torch"],
         default=None,
         help="decode matmuls on CUDA: auto (every linear layer on our Triton GEMVs, w1/w3 as one gated kernel, "
-        "the RMSNorms and residual adds inside them), gemv (the GEMVs only; float: wo, w2, output) or torch "
-        "(inductor's own reductions, "
-        "tinygemm for int4)",
+        "the RMSNorms and residual adds inside them; batches on dequant_matmul), gemv (the GEMVs only; float: wo, "
+        "w2, output) or torch (inductor's own reductions, tinygemm for int4)",
     )
     p.add_argument(
         "--attention_kernel",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="each decode step's attention (q's RoPE, softmax(q K^T) V over the cache) as one Triton kernel "
-        "instead of ~6; "
-        "default: on for one CUDA GPU when the head sizes are powers of two (faster)",
+        "instead of ~6; default: on for one CUDA GPU when the head sizes are powers of two (faster)",
+    )
+    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description="Generate text with a Llama-family or Mixtral model.")
+    add_model_flags(p)
+    p.add_argument(
+        "--prompt",
+        type=str,
+        default=None,
+        help="prompt text, '-' to read it from stdin, or an integer N for a synthetic prompt of N tokens "
+        "(default: 'Hello, my name is')",
+    )
+    p.add_argument(
+        "--prompt_file",
+        type=Path,
+        default=None,
+        help='UTF-8 file of prompts, one per line (a .jsonl file: one {"prompt": ...} per line), generated '
+        "--batch_size at a time, each once",
+    )
+    p.add_argument(
+        "--output_jsonl",
+        type=Path,
+        default=None,
+        help='write one {"prompt": ..., "completion": ...} line per prompt (per sequence of the last sample)',
+    )
+    p.add_argument(
+        "--stop", nargs="+", default=None, metavar="TEXT", help="stop when the output contains any of these strings"
+    )
+    p.add_argument("--system", type=str, default=None, help="with --interactive: a system prompt for the chat")
+    p.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the text as it comes (default: on when writing to a terminal, with one sequence)",
+    )
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="chat: read prompts from stdin, apply the chat template, stream the reply",
+    )
+    p.add_argument("--num_samples", type=int, default=None, help="how many times to generate (default 5)")
+    p.add_argument("--max_new_tokens", type=int, default=200, help="tokens to generate per sample")
+    p.add_argument(
+        "--batch_size",
+        type=int,
+        default=None,
+        help="sequences generated together: copies of --prompt, or prompts of --prompt_file (default 1; "
+        f"with --prompt_file {FILE_BATCH_SIZE})",
+    )
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 = greedy")
+    p.add_argument("--top_k", type=int, default=200, help="sample only among the k most likely tokens (0 = off)")
+    p.add_argument(
+        "--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass"
     )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument(
@@ -515,7 +519,6 @@ def parse_args(argv=None):
         "--ignore_eos", action="store_true", help="always generate max_new_tokens, even past the end-of-sequence token"
     )
     p.add_argument("--profile", type=Path, default=None, help="write a Chrome trace of the last sample to PROFILE.json")
-    p.add_argument("--seed", type=int, default=1234, help="random seed for sampling and synthetic prompts")
     args = p.parse_args(argv)
     if (args.draft_checkpoint_path is not None or args.draft_quantize) and args.speculate is None:
         args.speculate = "draft"
@@ -524,14 +527,19 @@ def parse_args(argv=None):
     args.num_samples = 5 if args.num_samples is None else args.num_samples
     if args.batch_size is None:
         args.batch_size = FILE_BATCH_SIZE if args.prompt_file and not args.speculate else 1
-    if args.compile_layer_once is None:  # one compiled layer is --compile's default
-        args.compile_layer_once = args.compile
-    args.groupsize = args.groupsize or 32
+    finish_model_args(args)
     args.speculate_k = 5 if args.speculate_k is None else args.speculate_k
-    args.kernels = args.kernels or "auto"
     if args.stream is None:  # a terminal sees the text as it comes; pipes and benchmarks get it at the end
         args.stream = sys.stdout.isatty() and args.batch_size == 1 and not args.interactive
     return args
+
+
+def finish_model_args(args) -> None:
+    """The model flags' defaults that depend on other flags."""
+    if args.compile_layer_once is None:  # one compiled layer is --compile's default
+        args.compile_layer_once = args.compile
+    args.groupsize = args.groupsize or 32
+    args.kernels = args.kernels or "auto"
 
 
 def check_args(args) -> None:
@@ -548,28 +556,7 @@ def check_args(args) -> None:
         raise SystemExit(f"error: --speculate_k {args.speculate_k} must be at least 1")
     if args.speculate == "ngram" and (args.draft_checkpoint_path or args.draft_quantize):
         raise SystemExit("error: --speculate ngram needs no draft model: drop --draft_checkpoint_path")
-    if args.compile_cache is not None and not (args.compile or args.compile_prefill):
-        raise SystemExit("error: --compile_cache keeps compiled code: add --compile")
-    if args.kernels is not None and args.device == "cpu":
-        raise SystemExit(f"error: --kernels {args.kernels} picks CUDA kernels: drop it for --device cpu")
-    if args.compile_layer_once and not args.compile:
-        raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
-    if args.attention_kernel and args.device.split(":")[0] != "cuda":
-        raise SystemExit(f"error: --attention_kernel is a CUDA kernel: drop it for --device {args.device}")
-    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
-        raise SystemExit(f"error: --device {args.device} is not supported: use cpu or cuda (cuda:N for one GPU)")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
-    for flag in ("quantize", "draft_quantize"):
-        if getattr(args, flag) and not args.random_init:
-            raise SystemExit(
-                f"error: --{flag} quantizes --random_init weights: for a checkpoint, run quantize.py once "
-                "and pass the file it writes (model_int8.pth, model_int4.g32.pth)"
-            )
-    if args.groupsize is not None and "int4" not in (args.quantize, args.draft_quantize):
-        raise SystemExit("error: --groupsize only applies with --quantize int4 (or --draft_quantize int4)")
-    if args.groupsize is not None and args.groupsize not in quantize.GROUPSIZES:
-        raise SystemExit(f"error: --groupsize {args.groupsize} is not one of {quantize.GROUPSIZES}")
+    check_model_args(args)
     if args.prompt_file is not None and not args.prompt_file.is_file():
         raise SystemExit(f"error: --prompt_file {args.prompt_file} is not a file")
     if args.prompt_file is not None and args.prompt is not None:
@@ -584,6 +571,32 @@ def check_args(args) -> None:
         raise SystemExit("error: --stream prints one sequence as it comes: drop --batch_size or --stream")
     if args.profile is not None and args.interactive:
         raise SystemExit("error: --profile traces the samples of a run, not a chat: drop one of them")
+
+
+def check_model_args(args) -> None:
+    """Refuse model flags that have no meaning (add_model_flags), before anything loads."""
+    if args.compile_cache is not None and not (args.compile or args.compile_prefill):
+        raise SystemExit("error: --compile_cache keeps compiled code: add --compile")
+    if args.kernels is not None and args.device == "cpu":
+        raise SystemExit(f"error: --kernels {args.kernels} picks CUDA kernels: drop it for --device cpu")
+    if args.compile_layer_once and not args.compile:
+        raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
+    if args.attention_kernel and args.device.split(":")[0] != "cuda":
+        raise SystemExit(f"error: --attention_kernel is a CUDA kernel: drop it for --device {args.device}")
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
+        raise SystemExit(f"error: --device {args.device} is not supported: use cpu or cuda (cuda:N for one GPU)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but no GPU is visible: pass --device cpu")
+    for flag in ("quantize", "draft_quantize"):
+        if getattr(args, flag, None) and not args.random_init:
+            raise SystemExit(
+                f"error: --{flag} quantizes --random_init weights: for a checkpoint, run quantize.py once "
+                "and pass the file it writes (model_int8.pth, model_int4.g32.pth)"
+            )
+    if args.groupsize is not None and "int4" not in (args.quantize, getattr(args, "draft_quantize", None)):
+        raise SystemExit("error: --groupsize only applies with --quantize int4 (or --draft_quantize int4)")
+    if args.groupsize is not None and args.groupsize not in quantize.GROUPSIZES:
+        raise SystemExit(f"error: --groupsize {args.groupsize} is not one of {quantize.GROUPSIZES}")
 
 
 def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:

@@ -1,6 +1,7 @@
 """Every command in the README runs as written, on the demo model (paths in the README point to a workspace that
 holds copies of it). A command the README gains is run too: it must work, or be listed in NOT_RUN with a reason."""
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ NOT_RUN = {  # the one-line reason each is not run here
     ),
 }
 HF_REPO = "checkpoints/meta-llama/Llama-2-7b-chat-hf"
+HAS_GGUF = importlib.util.find_spec("gguf") is not None
 
 
 def readme_commands() -> list[str]:
@@ -67,14 +69,15 @@ def template(tmp_path_factory):
     transformers.LlamaForCausalLM(cfg).save_pretrained(hf)
     shutil.copy(STORIES / "tokenizer.model", hf / "tokenizer.model")
     convert_hf_checkpoint(hf)  # as prepare.sh leaves it
-    from convert_gguf import convert_gguf
-    from test_gguf import sentencepiece_fields, write_gguf
+    if HAS_GGUF:  # an optional dependency: without it only the GGUF commands skip
+        from convert_gguf import convert_gguf
+        from test_gguf import sentencepiece_fields, write_gguf
 
-    from quantize import load_checkpoint_model
+        from quantize import load_checkpoint_model
 
-    model = load_checkpoint_model(STORIES / "model.pth").float()
-    write_gguf(demo / "model.gguf", model, tokenizer_fields=sentencepiece_fields(STORIES / "tokenizer.model"))
-    convert_gguf(demo / "model.gguf", demo / "from_gguf")  # what the README's generate command reads
+        model = load_checkpoint_model(STORIES / "model.pth").float()
+        write_gguf(demo / "model.gguf", model, tokenizer_fields=sentencepiece_fields(STORIES / "tokenizer.model"))
+        convert_gguf(demo / "model.gguf", demo / "from_gguf")  # what the README's generate command reads
     (tmp_path / "prompts.txt").write_text("Once upon a time\nLily and Tom\nOne day, a little dog\n")
     for name, repeats in (("my_text.txt", 40), ("passage.txt", 2), ("wiki.test.raw", 40)):
         (tmp_path / name).write_text((STORY + "\n") * repeats)
@@ -97,6 +100,8 @@ COMMANDS = [pytest.param(c, marks=ON_GPU) if needs_gpu(c) else c for c in readme
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs_as_written(command, template, tmp_path):
+    if ("gguf" in command) and not HAS_GGUF:
+        pytest.skip("needs the optional gguf package (pip install gguf protobuf)")
     if command.startswith("torchrun") and torch.cuda.device_count() < 2:
         pytest.skip("tensor parallel over 2 processes needs 2 GPUs (tests/test_tp.py runs it on the CPU)")
     shutil.copytree(template, tmp_path, dirs_exist_ok=True)  # each command on fresh copies
