@@ -816,9 +816,13 @@ class TextStream:
     one of stop_strings. The whole reply is decoded each time, so word boundaries come out right; the last
     characters wait until they cannot be the start of a stop string."""
 
-    def __init__(self, tokenizer, stop_ids=(), stop_strings=(), echo: bool = True):
+    def __init__(
+        self, tokenizer, stop_ids=(), stop_strings=(), echo: bool = True, emit: Optional[Callable] = None, context=()
+    ):
         self.tokenizer, self.stop_ids, self.stop_strings, self.echo = tokenizer, set(stop_ids), stop_strings, echo
-        self.ids, self.text, self.printed, self.stopped = [], "", 0, False
+        self.emit = emit or (lambda text: print(text, end="", flush=True))  # serve.py sends it to a client
+        self.ids, self.text, self.printed, self.stopped = list(context), "", 0, False
+        self.skip = len(tokenizer.decode(self.ids))  # context: the prompt's last tokens (the first word's space)
         self.hold = max((len(s) for s in stop_strings), default=1) - 1
 
     def __call__(self, token: Tensor) -> bool:
@@ -826,7 +830,7 @@ class TextStream:
         if self.stopped or t in self.stop_ids:
             return self.stopped
         self.ids.append(t)
-        self.text = self.tokenizer.decode(self.ids)
+        self.text = self.tokenizer.decode(self.ids)[self.skip :]
         cut = min((i for i in (self.text.find(s) for s in self.stop_strings) if i >= 0), default=-1)
         if cut >= 0:
             self.text, self.stopped = self.text[:cut], True
@@ -838,7 +842,7 @@ class TextStream:
 
     def show(self, upto: int) -> None:
         if self.echo and upto > self.printed:
-            print(self.text[self.printed : upto], end="", flush=True)
+            self.emit(self.text[self.printed : upto])
             self.printed = upto
 
     def finish(self) -> str:
