@@ -21,6 +21,12 @@ NOT_RUN = {  # the one-line reason each is not run here
     "pip install gguf protobuf": "installs packages",
     "python -m pytest tests": "this suite",
     "python -m pytest -m gpu -n 4": "this suite",
+    "pip install starlette uvicorn": "installs packages",
+    "python serve.py --checkpoint_path checkpoints/.../model.pth --compile --max_batch_size 8": (
+        "a server that runs until stopped (tests/test_serve.py starts one on the demo model)"
+    ),
+    'curl http://127.0.0.1:8000/v1/chat/completions -d \'{"messages": [{"role": "user", "content": "Hi"}], '
+    '"max_tokens": 64}\'': "needs the server above",
     "python generate.py --compile --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos --num_samples 3": (
         "the benchmark of a 7B shape (the gpu suite runs the same flags on the demo model)"
     ),
@@ -115,7 +121,7 @@ def test_readme_command_runs_as_written(command, template, tmp_path):
 
 def test_the_readme_python_example_tells_the_story():
     code = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-    assert len(code) == 1
+    assert len(code) == 2 and "OpenAI(" in code[1]  # the second calls a running server: tests/test_serve.py does
     p = subprocess.run([sys.executable, "-c", code[0]], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.startswith(STORY[:100])
