@@ -54,7 +54,9 @@ def sample(
     """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V]). With top_k, exactly the k largest
     logits are candidates (logits_to_probs keeps ties with the k-th too)."""
     logits = logits[:, -1].float()  # [B, V]
-    if temperature == 0 or top_k is None or top_k >= logits.size(-1):
+    if temperature == 0:  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
+        return logits.argmax(-1, keepdim=True).int(), logits_to_probs(logits, 0)
+    if top_k is None or top_k >= logits.size(-1):
         probs = logits_to_probs(logits, temperature, top_k, top_p)
         return multinomial_sample_one_no_sync(probs), probs
     # Softmax and draw over the k candidates alone: at batch 1 a softmax over the whole vocabulary is one slow GPU
@@ -72,14 +74,18 @@ def model_forward(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
     return model(x, input_pos)
 
 
-def prefill(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> Tensor:
-    """Run the prompt x [B, T] through the model, filling the KV cache; return the first new token [B, 1]."""
-    return sample(model(x, input_pos, prefill=True), **sampling_kwargs)[0]
+def prefill(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs) -> Tensor:
+    """Run the prompt x [B, T] (continued: a later chunk of it) through the model, filling the KV cache; return the
+    token [B, 1] that follows, from the last position's logits alone."""
+    return sample(model(x, input_pos, prefill=True, continued=continued, last_only=True), **sampling_kwargs)[0]
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
     """One step: token x [B, 1] at input_pos [1] -> (next token [B, 1], its distribution [B, V])."""
     return sample(model(x, input_pos), **sampling_kwargs)
+
+
+PREFILL_CHUNK = 2048  # prompt positions per prefill step: activation memory stays bounded for any prompt length
 
 
 def decode_n_tokens(
@@ -200,6 +206,7 @@ def generate(
     prefill_fn=prefill,
     decode_fn=decode_one_token,
     verify_fn=model_forward,
+    prefill_chunk: int = PREFILL_CHUNK,
     **sampling_kwargs,
 ) -> tuple[Tensor, dict]:
     """Generate up to max_new_tokens after prompt [T] in batch_size rows, or after each prompt of a list, one row
@@ -207,7 +214,8 @@ def generate(
     T (model.set_row_starts): row b's prompt starts at stats["start"][b].
 
     speculate: None, "draft" (needs draft_model) or "ngram". Generation stops early when every row has
-    produced a token of stop_ids; the rest of a row after its stop token is left as generated.
+    produced a token of stop_ids; the rest of a row after its stop token is left as generated. The prompt runs
+    prefill_chunk positions at a time (0: at once), so that its activations take bounded memory.
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt.view(-1)] * batch_size
     batch_size, lengths = len(prompts), [p.numel() for p in prompts]
@@ -239,11 +247,14 @@ def generate(
         seq[b, T - p.numel() : T] = p  # [B, T]: left padding
     start = [T - n for n in lengths]
     model.set_row_starts(torch.tensor(start, dtype=torch.int))
-    x = seq[:, :T]
-    input_pos = torch.arange(0, T, device=device)
-    next_token = prefill_fn(model, x, input_pos, **sampling_kwargs).clone()
-    if draft_model is not None:
-        prefill_fn(draft_model, x, input_pos, **sampling_kwargs)
+    chunk = prefill_chunk if prefill_chunk > 0 else T
+    for s in range(0, T, chunk):  # only the last chunk's token is kept: greedy before it, which draws nothing
+        end = min(s + chunk, T)
+        x, pos, last = seq[:, s:end], torch.arange(s, end, device=device), end == T
+        kwargs = sampling_kwargs if last else {**sampling_kwargs, "temperature": 0}
+        next_token = prefill_fn(model, x, pos, continued=s > 0, **kwargs).clone()
+        if draft_model is not None:
+            prefill_fn(draft_model, x, pos, continued=s > 0, **kwargs)
     seq[:, T] = next_token.view(batch_size)
     stopped = callback is not None and callback(next_token)
     stats = {"prefill_end": _now(device), "start": start}
@@ -501,6 +512,12 @@ def parse_args(argv=None):
     p.add_argument(
         "--top_p", type=float, default=1.0, help="nucleus sampling: smallest set of tokens with this much mass"
     )
+    p.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prompt positions run per prefill step (0: the whole prompt at once); bounds the activations' memory",
+    )
     p.add_argument("--draft_checkpoint_path", type=Path, default=None, help="draft model for speculative decoding")
     p.add_argument(
         "--draft_quantize",
@@ -544,6 +561,8 @@ def finish_model_args(args) -> None:
 
 def check_args(args) -> None:
     """Refuse, before loading anything, flag values and combinations that have no meaning."""
+    if args.prefill_chunk < 0:
+        raise SystemExit(f"error: --prefill_chunk {args.prefill_chunk} is negative: use 0 for the whole prompt at once")
     if args.temperature < 0:
         raise SystemExit(f"error: --temperature {args.temperature} is negative: use 0 for greedy or a positive value")
     if args.top_k < 0:
@@ -860,7 +879,8 @@ def run_sample(model, prompt: Tensor | list[Tensor], args, steps, stop_ids, draf
         t0 = time.perf_counter()
         y, stats = generate(
             model, prompt, args.max_new_tokens, batch_size=args.batch_size, draft_model=draft, speculate=args.speculate,
-            speculate_k=args.speculate_k, callback=callback, stop_ids=stop_ids, temperature=args.temperature,
+            speculate_k=args.speculate_k, callback=callback, stop_ids=stop_ids, prefill_chunk=args.prefill_chunk,
+            temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, **steps,
         )  # fmt: skip
         sync()

@@ -224,15 +224,19 @@ class Transformer(nn.Module):
         real = kv >= self.row_start[:batch, None, None, None]  # [B, 1, 1, S_max]
         return self.causal_mask[None, None, input_pos] & (real | own)
 
-    def forward(self, idx: Tensor, input_pos: Tensor, prefill: bool = False) -> Tensor:
-        """idx [B, S] token ids at positions input_pos [S]; returns logits [B, S, V].
+    def forward(
+        self, idx: Tensor, input_pos: Tensor, prefill: bool = False, continued: bool = False, last_only: bool = False
+    ) -> Tensor:
+        """idx [B, S] token ids at positions input_pos [S]; returns logits [B, S, V] ([B, 1, V] with last_only).
 
-        prefill=True promises input_pos == arange(S): attention is then plain causal over these S tokens,
-        which the flash SDPA kernel can run; otherwise it attends over the cache through a mask.
+        prefill=True: prompt tokens, each layer called plainly (decode_layer is for decode steps). It promises
+        input_pos == arange(S), so that attention is plain causal over these S tokens, which the flash SDPA kernel
+        can run; unless continued: a later chunk of the prompt, which attends over the cache through the mask.
+        last_only: the logits of the last position alone, so that a long prompt makes no [B, S, V] tensor.
         """
         if self.max_seq_length < 0:
             raise RuntimeError("call setup_caches() before forward()")
-        mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
+        mask = None if prefill and not continued else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         if self.left_padded:
             mask = self.padding_mask(input_pos, idx.shape[0])  # [B, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
@@ -240,6 +244,8 @@ class Transformer(nn.Module):
         run = run_layer if prefill else self.decode_layer  # prefill's dynamic shapes: one layer region is refused
         for layer in self.layers:
             x = run(layer, x, input_pos, freqs_cis, mask)
+        if last_only:
+            x = x[:, -1:]
         return self.output(self.norm(x))
 
 

@@ -88,6 +88,43 @@ def test_generation_stops_at_a_stop_token(target):
     assert y[0].tolist() == full[0, : prompt.numel() + 5].tolist()
 
 
+def test_a_prompt_in_chunks_fills_the_cache_and_continues_as_at_once(target):
+    prompt = prompt_ids(40)
+    whole, _ = gen(target, prompt, 12, temperature=0, prefill_chunk=0)
+    caches = [layer.attention.kv_cache.kv[:, :, :, :40].clone() for layer in target.layers]
+    for chunk in (7, 16, 39, 40, 64):  # ragged, one short last chunk, exact, larger than the prompt
+        target.max_seq_length = -1
+        y, _ = gen(target, prompt, 12, temperature=0, prefill_chunk=chunk)
+        assert torch.equal(y, whole), chunk
+        for layer, kv in zip(target.layers, caches, strict=True):
+            assert torch.allclose(layer.attention.kv_cache.kv[:, :, :, :40], kv, atol=1e-5), chunk
+    target.max_seq_length = -1  # a left-padded batch in chunks: each row as alone
+    prompts = [prompt_ids(n, seed=n) for n in (3, 17, 9)]
+    y, stats = gen(target, prompts, 8, temperature=0, prefill_chunk=5)
+    for b, p in enumerate(prompts):
+        target.max_seq_length = -1
+        assert torch.equal(y[b, stats["start"][b] :], gen(target, p, 8, temperature=0)[0][0]), b
+
+
+def test_prefill_makes_the_last_positions_logits_alone(target):
+    """A long prompt never holds a [B, S, V] logits tensor: the output layer sees one position per row."""
+    seen = []
+    hook = target.output.register_forward_hook(lambda m, args, out: seen.append(tuple(out.shape)))
+    try:
+        gen(target, prompt_ids(30), 3, batch_size=2, temperature=0, prefill_chunk=8)
+    finally:
+        hook.remove()
+    assert seen[:4] == [(2, 1, target.config.vocab_size)] * 4  # four prefill chunks, then decode steps
+
+
+def test_greedy_sampling_draws_no_random_numbers():
+    logits = torch.randn(2, 1, 50)
+    state = torch.get_rng_state()
+    token, probs = sample(logits, temperature=0)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert token.view(-1).tolist() == logits[:, -1].argmax(-1).tolist() and torch.equal(probs.argmax(-1), token[:, 0])
+
+
 # ---------------------------------------------------------------- speculative decoding
 
 
