@@ -1103,7 +1103,7 @@ def run_prompt_file(model, draft, tokenizer, prompts: list[Tensor], args, steps,
         texts = completions(tokenizer, y, y.shape[1] - stats["new_tokens"], stats["start"], stop_ids, args.stop)
         for i, text in zip(batch, texts, strict=False):
             results[i] = text
-        rows.append(report(n, stats, bytes_per_token, device, bandwidth, B, label="Batch"))
+        rows.append(report(n, stats, bytes_per_token, device, bandwidth, len(batch), label="Batch"))  # real rows
     for i, (prompt, text) in enumerate(zip(args.prompts, results, strict=True)):
         print(f"--- prompt {i + 1} of {len(results)} ---")
         print(prompt + text)

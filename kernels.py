@@ -1,9 +1,10 @@
 """The fast path: our Triton kernels, their custom ops, and use_kernels, which swaps the model's modules for them.
 
 model.py and quantize.py are plain PyTorch and run anywhere. After loading (and tensor-parallel sharding), on a
-CUDA GPU, use_kernels gives decode steps (a few rows) our Triton GEMVs: float, int8 and int4 weights, w1 and w3 as
-one gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); use_decode_attention_kernel runs a
-decode step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
+CUDA GPU, use_kernels gives batch-1 decode steps our Triton GEMVs: float, int8 and int4 weights, w1 and w3 as one
+gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); batched steps (2 to 64 rows) run on
+dequant_matmul, which dequantizes each weight tile once for all rows; use_decode_attention_kernel runs a decode
+step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
 """
 
 import copy
@@ -31,7 +32,7 @@ try:
 except ImportError:  # CPU-only installs: the plain path
     triton = None
 
-GEMV_MAX_ROWS = 1  # one row (decode at batch 1) takes the GEMV kernels; from 2 rows dequant_matmul is faster
+GEMV_MAX_ROWS = 1  # one row (decode at batch 1) takes the GEMV kernels; from 2 rows dequant_matmul is as fast or faster
 MATMUL_MAX_ROWS = 64  # up to this many rows (batched decode, speculative verify) take dequant_matmul
 FLOAT_MATMUL_MAX_ROWS = 32  # float weights: from 64 rows cuBLAS is as fast or faster
 
