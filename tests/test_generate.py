@@ -90,8 +90,9 @@ def test_generation_stops_at_a_stop_token(target):
 
 def test_a_prompt_in_chunks_fills_the_cache_and_continues_as_at_once(target):
     prompt = prompt_ids(40)
+    target.max_seq_length = -1  # fresh caches of one row
     whole, _ = gen(target, prompt, 12, temperature=0, prefill_chunk=0)
-    caches = [layer.attention.kv_cache.kv[:, :, :, :40].clone() for layer in target.layers]
+    caches = [layer.attention.kv_cache.kv[:, :, :, :40].clone() for layer in target.layers]  # [2, B, H, 40, D]
     for chunk in (7, 16, 39, 40, 64):  # ragged, one short last chunk, exact, larger than the prompt
         target.max_seq_length = -1
         y, _ = gen(target, prompt, 12, temperature=0, prefill_chunk=chunk)
