@@ -80,6 +80,7 @@ class Engine:
         self.cond = threading.Condition()
         self.counts = {"served": 0, "cancelled": 0, "batches": 0}
         self.device = model.norm.weight.device
+        self.ready = False  # set once warm: /health answers 503 before
 
     def submit(self, job: Job) -> None:
         with self.cond:
@@ -88,11 +89,18 @@ class Engine:
             self.waiting.append(job)
             self.cond.notify()
 
+    def warm_up(self) -> None:
+        """Run each batch size a round can have (powers of two, and max_batch), so that compiling is done before the
+        first request."""
+        loop = asyncio.new_event_loop()  # never run: the warm-up's events are dropped
+        for size in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
+            self.generate([Job([1] * 8, 8, 1.0, 1.0, [], None, [], loop, asyncio.Queue()) for _ in range(size)])
+        loop.close()
+
     def serve_forever(self, warm_up: bool) -> None:
-        if warm_up:  # compile each batch size the rounds use (powers of two) before the first request
-            loop = asyncio.new_event_loop()  # never run: the warm-up's events are dropped
-            for size in (1 << i for i in range(self.max_batch.bit_length())):
-                self.generate([Job([1] * 8, 8, 1.0, 1.0, [], None, [], loop, None) for _ in range(size)])
+        if warm_up:
+            self.warm_up()
+            self.counts = dict.fromkeys(self.counts, 0)  # /health counts requests, not the warm-up
         self.ready = True
         while True:
             jobs = self.next_round()
@@ -101,8 +109,6 @@ class Engine:
             except Exception as e:  # a failed round answers its requests and the server goes on
                 for job in jobs:
                     job.send("error", f"generation failed: {e}")
-
-    ready = False  # set once warm: /health answers 503 before
 
     def next_round(self) -> list[Job]:
         """The oldest waiting job and every later one that can share its batch and still fit the context."""
