@@ -786,9 +786,12 @@ class GatedFeedForward(FeedForward):
 def stacked_layer(lin: GemvLinear, w13: Tensor, s13: Optional[Tensor]) -> GemvLinear:
     """A layer of lin's class and settings on the stacked [w1; w3] tensors (their scales s13): [..., K] -> [..., 2I]."""
     both = copy.copy(lin)
-    both._parameters, both._buffers = dict(lin._parameters), dict(lin._buffers)  # its own, not lin's
+    tensors = {**lin._parameters, **lin._buffers}
+    both._parameters, both._buffers, both._non_persistent_buffers_set = {}, {}, set()
+    for name, t in tensors.items():  # buffers left out of state_dict: the checkpoint keys stay w1's and w3's
+        both.register_buffer(name, t, persistent=False)
     w_name, s_name, _ = lin.kernel_tensors
-    setattr(both, w_name, nn.Parameter(w13, requires_grad=False) if w_name in lin._parameters else w13)
+    setattr(both, w_name, w13)
     if s_name:
         setattr(both, s_name, s13)
     both.out_features = 2 * lin.out_features
