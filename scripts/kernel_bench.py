@@ -1,10 +1,11 @@
-"""Check and time the quantized GEMV kernels on the GPU, per Llama-2-7B layer shape, at batch 1.
+"""Check and time the decode matmul kernels on the GPU (our GEMVs, dequant_matmul, cuBLAS, tinygemm, inductor), per
+Llama-2-7B layer shape, for --rows input rows (batch x tokens).
 
 Prints, per shape: error against a float32 reference, microseconds (CUDA-graph replays, median), and GB/s. One
 kernel replayed alone finds part of a matrix of up to 50 MB (the H100's L2) still cached: wo, w1/w3 and w2 read
 above what DRAM gives. --cold times what a decode step sees instead: a graph of calls on distinct weight copies
 (600 MB, not in L2), launched with PDL, and fits t = fixed cost + bytes / streaming rate per kernel.
-usage: python scripts/kernel_bench.py [--rows 1] [--cold]
+usage: python scripts/kernel_bench.py [--rows 1] [--cold [--matmul]]
 """
 
 import argparse
@@ -39,6 +40,7 @@ def main():
     p.add_argument(
         "--cold", action="store_true", help="weights not in L2, as in a decode step: fixed cost and rate per kernel"
     )
+    p.add_argument("--matmul", action="store_true", help="with --cold: time dequant_matmul instead of the GEMVs")
     a = p.parse_args()
     bw = measure_read_bandwidth(torch.device("cuda"))
     print(
@@ -46,7 +48,7 @@ def main():
         f"read bandwidth {bw:.0f} GB/s"
     )
     if a.cold:
-        return bench_cold(a.rows, bw)
+        return bench_cold(a.rows, bw, k.dequant_matmul if a.matmul else k.gemv)
     int8_torch = torch.compile(lambda x, w, s: F.linear(x, w.to(x.dtype)) * s)
     print("| layer | kernel | rel. err | us | GB/s | % of read BW |\n|---|---|---|---|---|---|")
     for name, (N, K) in SHAPES.items():
@@ -80,6 +82,9 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
             for t in (8, 4, 2)
         },
         "int4 triton": (lambda: k.gemv(x, words, sz, 32), ref4, b4),
+        "bf16 dequant_matmul": (lambda: k.dequant_matmul(x, wb), ref, N * K * 2),
+        "int8 dequant_matmul": (lambda: k.dequant_matmul(x, c8, s8), ref8, b8),
+        "int4 dequant_matmul": (lambda: k.dequant_matmul(x, words, sz, 32), ref4, b4),
         "bf16 triton +norm +residual": (lambda: k.gemv(x, wb, **nr), xn @ wb.float().t() + r.float(), N * K * 2),
         "int8 triton +norm +residual": (
             lambda: k.gemv(x, c8, s8, **nr),
@@ -95,7 +100,7 @@ def bench_shape(label: str, N: int, K: int, rows: int, bw: float, int8_torch) ->
     for kname, (fn, r, nbytes) in cases.items():
         print_row(label, kname, fn, r, nbytes, bw)
     tile = k.INT4_DECODE_TILE if x.shape[0] == 1 else k.int4_gemv_tuned.best_config
-    print(f"| {label} | int4 triton tile: {tile} | | | | |")
+    print(f"| {label} | int4 triton tile: {tile}; dequant_matmul: {k.dequant_matmul_tuned.best_config} | | | | |")
 
 
 def print_row(label: str, kname: str, fn, ref, nbytes: int, bw: float) -> None:
@@ -193,9 +198,10 @@ def gemv_bytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def bench_cold(rows: int, bw: float) -> None:
-    """Per kernel family, K = 4096 and N from 4096 to 32000: us per call on weights not in L2 (each call of the graph
-    reads its own copy, 600 MB in all), PDL launches, and the least-squares fit t = a + bytes / B."""
+def bench_cold(rows: int, bw: float, kernel) -> None:
+    """Per kernel family, K = 4096 and N from 4096 to 32000: us per call of kernel (k.gemv or k.dequant_matmul) on
+    weights not in L2 (each call of the graph reads its own copy, 600 MB in all), PDL launches, and the least-squares
+    fit t = a + bytes / B."""
     dev = torch.device("cuda")
     print("| kernel | N x K | us | % of read BW |\n|---|---|---|---|")
     for kind in ("bf16", "int8", "int4"):
@@ -206,7 +212,7 @@ def bench_cold(rows: int, bw: float) -> None:
             weights = [random_gemv_weights(kind, N, K, dev)]
             nbytes = gemv_bytes(*weights[0][:2])
             weights += [random_gemv_weights(kind, N, K, dev) for _ in range(max(4, int(600e6 // nbytes)) - 1)]
-            calls = [lambda x=x, args=args: k.gemv(x, *args, pdl=True) for args in weights]
+            calls = [lambda x=x, args=args: kernel(x, *args, pdl=True) for args in weights]
             us = graph_us_per_call(calls)
             points.append((nbytes, us))
             print(f"| {kind} | {N}x{K} | {us:.2f} | {100 * nbytes / us / 1e3 / bw:.1f}% |")
