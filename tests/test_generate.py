@@ -107,6 +107,19 @@ def test_a_prompt_in_chunks_fills_the_cache_and_continues_as_at_once(target):
         assert torch.equal(y[b, stats["start"][b] :], gen(target, p, 8, temperature=0)[0][0]), b
 
 
+def test_a_compiled_prefill_in_chunks_gives_the_eager_tokens(target):
+    """--compile_prefill's dynamic-shape graph over the first chunk and the later ones (they attend through the
+    cache's mask), against the eager prompt at once."""
+    torch._dynamo.reset()
+    compiled = torch.compile(generate.prefill, dynamic=True)
+    prompt = prompt_ids(40)
+    target.max_seq_length = -1
+    ref, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=0)
+    target.max_seq_length = -1
+    y, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=16, prefill_fn=compiled)
+    assert torch.equal(y, ref)
+
+
 def test_prefill_makes_the_last_positions_logits_alone(target):
     """A long prompt never holds a [B, S, V] logits tensor: the output layer sees one position per row."""
     seen = []
