@@ -845,7 +845,10 @@ class TextStream:
         self.hold = max((len(s) for s in stop_strings), default=1) - 1
 
     def __call__(self, token: Tensor) -> bool:
-        t = int(token.view(-1)[0])
+        return self.add(int(token.view(-1)[0]))
+
+    def add(self, t: int) -> bool:
+        """One more token id of the reply; True once its text holds a stop string."""
         if self.stopped or t in self.stop_ids:
             return self.stopped
         self.ids.append(t)
@@ -1126,22 +1129,16 @@ def completions(tokenizer, y: Tensor, T: int, start: list[int], stop_ids, stop_s
 
 
 class RowStops:
-    """Stop strings for a batch: each step, the latest text of each row still running is searched (a host sync per
-    step); True once every row has met a stop token or string."""
+    """Stop strings for a batch: a TextStream per row, printing nothing (a host sync per step); True once every row
+    has met a stop token or string."""
 
     def __init__(self, tokenizer, rows: int, stop_ids, stop_strings):
-        self.tokenizer, self.stop_ids, self.stop_strings = tokenizer, set(stop_ids), stop_strings
-        self.ids, self.done = [[] for _ in range(rows)], [False] * rows
-        self.window = max(len(s) for s in stop_strings) + 8  # tokens: a stop string spans at most len(s)
+        self.streams = [TextStream(tokenizer, (), stop_strings, echo=False) for _ in range(rows)]
+        self.stop_ids, self.done = set(stop_ids), [False] * rows
 
     def __call__(self, token: Tensor) -> bool:
         for b, t in enumerate(token.view(-1).tolist()):
-            if self.done[b] or t in self.stop_ids:
-                self.done[b] = True
-                continue
-            self.ids[b].append(t)
-            tail = self.tokenizer.decode(self.ids[b][-self.window :])
-            self.done[b] = any(s in tail for s in self.stop_strings)
+            self.done[b] = self.done[b] or t in self.stop_ids or self.streams[b].add(t)
         return all(self.done)
 
 

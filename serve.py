@@ -153,7 +153,7 @@ class Engine:
                     finish[b] = "stop"
                 else:
                     made[b] += 1
-                    if streams[b](torch.tensor([t])):
+                    if streams[b].add(t):
                         finish[b] = "stop"
                     elif made[b] >= jobs[b].max_tokens:
                         finish[b] = "length"
