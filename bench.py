@@ -182,7 +182,8 @@ def plot(rows: list[dict], path: Path) -> None:
             for (precision, compiled, spec), rs in lines.items():
                 pts = [(r[over], r[key]) for r in rs if key in r]
                 label = precision + ("" if compiled == "on" else " eager") + ("" if spec == "none" else f" {spec}")
-                ax.plot(*zip(*pts, strict=True), marker="o", label=label) if pts else None
+                if pts:
+                    ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("batch size" if over == "batch_size" else "prompt tokens")
             ax.set_ylabel(name)

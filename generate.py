@@ -699,12 +699,14 @@ def read_prompts(path: Path) -> list[str]:
     """--prompt_file's prompts: each non-empty line, or the "prompt" of each line of a .jsonl file."""
     try:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
     except UnicodeError:
         raise SystemExit(f"error: --prompt_file {path} is not UTF-8 text") from None
-    except (ValueError, KeyError, TypeError):
-        prompts = [None]
-    if not all(isinstance(p, str) and p for p in prompts):
+    try:
+        prompts = [json.loads(line)["prompt"] for line in lines] if path.suffix == ".jsonl" else lines
+        valid = all(isinstance(p, str) and p for p in prompts)
+    except (ValueError, KeyError, TypeError):  # not JSON, no "prompt" key, or not an object
+        valid = False
+    if not valid:
         raise SystemExit(f'error: --prompt_file {path}: each line of a .jsonl file must be {{"prompt": "text"}}')
     if not prompts:
         raise SystemExit(f"error: --prompt_file {path} holds no prompt")
@@ -986,8 +988,8 @@ def main(argv=None):
 
 
 def prepare_prompt(args, rank: Optional[int] = None):
-    """(tokenizer, prompt tokens [T] on the CPU, or a list of them for --prompt_file), the prompts and the sizes
-    checked before any model loads."""
+    """(tokenizer, prompt tokens [T] on the CPU or, for --prompt_file, a list of them, the file's prompts or None),
+    the prompts and the sizes checked before any model loads."""
     texts = read_prompts(args.prompt_file) if args.prompt_file else None
     args.prompt = read_prompt(args)
     try:
@@ -997,7 +999,6 @@ def prepare_prompt(args, rank: Optional[int] = None):
     tokenizer = load_tokenizer(args, config.vocab_size)
     if texts is not None:
         prompt = [encode_prompt(args, tokenizer, config.vocab_size, text) for text in texts]
-        args.prompts = texts
     else:
         prompt = encode_prompt(args, tokenizer, config.vocab_size)
     if args.output_jsonl is not None and tokenizer is None:
@@ -1005,7 +1006,7 @@ def prepare_prompt(args, rank: Optional[int] = None):
     world = torch.distributed.get_world_size() if rank is not None else 1
     longest = max(p.numel() for p in prompt) if texts is not None else prompt.numel()
     check_fits(args, config, weight_bytes, longest, pick_device(args, rank), world)
-    return tokenizer, prompt
+    return tokenizer, prompt, texts
 
 
 def pick_device(args, rank: Optional[int] = None) -> torch.device:
@@ -1035,15 +1036,16 @@ def run(args, rank):
     if rank is not None and rank != 0:
         sys.stdout = open(os.devnull, "w")  # only rank 0 prints
     torch.manual_seed(args.seed)
-    tokenizer, prompt = prepare_prompt(args, rank)
+    tokenizer, prompt, texts = prepare_prompt(args, rank)
     device, model, draft, steps = setup(args, rank)
     if args.interactive:
         return interactive_loop(model, tokenizer, args, steps, draft, device)
     stop_ids = None if (args.ignore_eos or tokenizer is None) else tokenizer.stop_ids()
     if args.stop and tokenizer is None:
         raise SystemExit("error: --stop compares text: a synthetic prompt has no tokenizer (pass --tokenizer_path)")
-    if isinstance(prompt, list):
-        return run_prompt_file(model, draft, tokenizer, [p.to(device) for p in prompt], args, steps, stop_ids, device)
+    if texts is not None:
+        prompts = [p.to(device) for p in prompt]
+        return run_prompt_file(model, draft, tokenizer, texts, prompts, args, steps, stop_ids, device)
     prompt = prompt.to(device)
     compiling = args.compile or args.compile_prefill
     bytes_per_token = weight_bytes_per_token(model)
@@ -1084,7 +1086,7 @@ def run(args, rank):
     summarize(rows, bytes_per_token, bandwidth, args.batch_size)
 
 
-def run_prompt_file(model, draft, tokenizer, prompts: list[Tensor], args, steps, stop_ids, device):
+def run_prompt_file(model, draft, tokenizer, texts: list[str], prompts: list[Tensor], args, steps, stop_ids, device):
     """Each prompt of --prompt_file once, --batch_size at a time (the longest first: rows of one batch need less
     padding); the completions printed and written in the file's order."""
     B, compiling = args.batch_size, args.compile or args.compile_prefill
@@ -1103,15 +1105,15 @@ def run_prompt_file(model, draft, tokenizer, prompts: list[Tensor], args, steps,
     for n, batch in enumerate(batches):
         stops = RowStops(tokenizer, B, stop_ids or (), args.stop) if args.stop else None
         y, stats = run_sample(model, full[n], args, steps, stop_ids, draft, stops, device, False)
-        texts = completions(tokenizer, y, y.shape[1] - stats["new_tokens"], stats["start"], stop_ids, args.stop)
-        for i, text in zip(batch, texts, strict=False):
-            results[i] = text
+        replies = completions(tokenizer, y, y.shape[1] - stats["new_tokens"], stats["start"], stop_ids, args.stop)
+        for i, reply in zip(batch, replies, strict=False):
+            results[i] = reply
         rows.append(report(n, stats, bytes_per_token, device, bandwidth, len(batch), label="Batch"))  # real rows
-    for i, (prompt, text) in enumerate(zip(args.prompts, results, strict=True)):
+    for i, (prompt, text) in enumerate(zip(texts, results, strict=True)):
         print(f"--- prompt {i + 1} of {len(results)} ---")
         print(prompt + text)
     if args.output_jsonl is not None:
-        write_jsonl(args.output_jsonl, args.prompts, results)
+        write_jsonl(args.output_jsonl, texts, results)
     summarize(rows, bytes_per_token, bandwidth, B)
 
 

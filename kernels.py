@@ -648,9 +648,10 @@ def store_hidden(model: nn.Module) -> None:
 
 
 class GemvLinear(nn.Module):
-    """A linear layer (no bias) whose inputs of at most max_rows rows (decode) run on our Triton GEMV (gemv_op), once
-    use_triton_kernels has set use_triton; kernel_tensors names the weights and scales gemv takes, and the dimension
-    of the scales along the output features (GatedFeedForward stacks w1 and w3 along it)."""
+    """A linear layer (no bias) whose one-row inputs (batch-1 decode) run on our Triton GEMV (gemv_op) and inputs of a
+    few rows in a compiled step on dequant_matmul, once use_triton_kernels has set use_triton; kernel_tensors names
+    the weights and scales the kernels take, and the dimension of the scales along the output features
+    (GatedFeedForward stacks w1 and w3 along it)."""
 
     kernel_tensors: tuple = ("weight", None, 0)
     max_rows = 8  # without dequant_matmul (float32, eager) the GEMV takes up to this many rows
@@ -720,8 +721,9 @@ class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
 
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
-    """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): one row on the GEMV, a few on dequant_matmul (in
-    float32 on the GEMV); longer prompts read the codes back out of its layout and run one matmul."""
+    """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): one row on the GEMV, a few on dequant_matmul in a
+    compiled step (else on the GEMV, up to max_rows); longer prompts read the codes back out of its layout and run one
+    matmul."""
 
     kernel_tensors = ("packed", "scales_and_zeros", 1)
     max_rows = DEQUANT_MIN_ROWS

@@ -236,9 +236,10 @@ class Transformer(nn.Module):
         """
         if self.max_seq_length < 0:
             raise RuntimeError("call setup_caches() before forward()")
-        mask = None if prefill and not continued else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         if self.left_padded:
             mask = self.padding_mask(input_pos, idx.shape[0])  # [B, 1, S, S_max]
+        else:
+            mask = None if prefill and not continued else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
         run = run_layer if prefill else self.decode_layer  # prefill's dynamic shapes: one layer region is refused
