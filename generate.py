@@ -12,6 +12,7 @@ from typing import Callable, Optional
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import kernels
@@ -74,10 +75,40 @@ def model_forward(model: Transformer, x: Tensor, input_pos: Tensor) -> Tensor:
     return model(x, input_pos)
 
 
-def prefill(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs) -> Tensor:
+def prefill(
+    model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs
+) -> tuple[Tensor, Tensor]:
     """Run the prompt x [B, T] (continued: a later chunk of it) through the model, filling the KV cache; return the
-    token [B, 1] that follows, from the last position's logits alone."""
-    return sample(model(x, input_pos, prefill=True, continued=continued, last_only=True), **sampling_kwargs)[0]
+    token [B, 1] that follows and its distribution [B, V], from the last position's logits alone."""
+    return sample(model(x, input_pos, prefill=True, continued=continued, last_only=True), **sampling_kwargs)
+
+
+PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile: one CUDA graph each
+
+
+def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
+    """A prompt padded on the right, x [B, S] at input_pos = arange(S), run as a decode step of S positions (causal
+    mask over the cache); returns what prefill does, from position last [1]. A padding position sees only what comes
+    before it, and its cache entries lie past the prompt, where each later step writes before any query reads."""
+    return sample(model(x, input_pos).index_select(1, last), **sampling_kwargs)
+
+
+def bucketed_prefill(padded_fn, fallback_fn):
+    """A prefill that runs a prompt of up to PREFILL_BUCKETS[-1] positions, padded to the next bucket, in padded_fn:
+    compiled with CUDA graphs, it replays the whole prompt in one launch where a prefill of dynamic shape launches
+    every kernel from Python, which costs more than the weights' read for a short prompt. Later chunks, longer
+    prompts, and batches of more rows than dequant_matmul takes (prefill_padded is then compute-bound) use
+    fallback_fn."""
+
+    def run(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs):
+        B, S = x.shape
+        n = next((n for n in PREFILL_BUCKETS if n >= S), 0)
+        if continued or not n or B * n > kernels.MATMUL_MAX_ROWS or n > model.max_seq_length:
+            return fallback_fn(model, x, input_pos, continued=continued, **sampling_kwargs)
+        last = torch.tensor([S - 1], device=x.device)
+        return padded_fn(model, F.pad(x, (0, n - S)), torch.arange(n, device=x.device), last, **sampling_kwargs)
+
+    return run
 
 
 def decode_one_token(model: Transformer, x: Tensor, input_pos: Tensor, **sampling_kwargs) -> tuple[Tensor, Tensor]:
@@ -252,7 +283,7 @@ def generate(
         end = min(s + chunk, T)
         x, pos, last = seq[:, s:end], torch.arange(s, end, device=device), end == T
         kwargs = sampling_kwargs if last else {**sampling_kwargs, "temperature": 0}
-        next_token = prefill_fn(model, x, pos, continued=s > 0, **kwargs).clone()
+        next_token = prefill_fn(model, x, pos, continued=s > 0, **kwargs)[0].clone()
         if draft_model is not None:
             prefill_fn(draft_model, x, pos, continued=s > 0, **kwargs)
     seq[:, T] = next_token.view(batch_size)
@@ -817,8 +848,9 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
 run_layer_once = torch.compiler.nested_compile_region(run_layer)
 
 
-def compile_steps(args, fused_kernels_ok: bool, pdl: bool = False):
-    """The step functions, compiled when asked: decode with CUDA graphs, prefill with dynamic shapes."""
+def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool = False):
+    """The step functions, compiled when asked: decode and short prompts (on CUDA) with CUDA graphs, prefill with
+    dynamic shapes."""
     steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
     if not (args.compile or args.compile_prefill):
         return steps
@@ -829,6 +861,9 @@ def compile_steps(args, fused_kernels_ok: bool, pdl: bool = False):
         steps["verify_fn"] = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
     if args.compile_prefill:
         steps["prefill_fn"] = torch.compile(prefill, fullgraph=fused_kernels_ok, dynamic=True)
+    if args.compile and fused_kernels_ok and device.type == "cuda":  # (a mixture of experts keeps its prefill)
+        padded = torch.compile(prefill_padded, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        steps["prefill_fn"] = bucketed_prefill(padded, steps["prefill_fn"])
     return steps
 
 
@@ -1022,7 +1057,7 @@ def setup(args, rank: Optional[int] = None):
     t0 = time.perf_counter()
     model, draft = load_models(args, device, precision, use_tp, pdl)
     print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
-    steps = compile_steps(args, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
+    steps = compile_steps(args, device, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
     for m in (model, draft) if draft is not None else (model,):
         if args.compile or args.compile_prefill:
             kernels.store_hidden(m)
@@ -1051,8 +1086,11 @@ def run(args, rank):
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    warm_up = compiling or device.type == "cuda"  # first-run costs (compiling, library handles) stay out of the figures
-    for i in range(-1 if warm_up else 0, args.num_samples):  # sample -1 is the warm-up, not counted
+    # first-run costs (compiling, library handles) stay out of the figures; a CUDA graph is recorded on a step's
+    # second call, and prefill is called once per sample
+    warm_ups = (2 if args.compile and device.type == "cuda" else 1) if compiling or device.type == "cuda" else 0
+    warm_up_s = 0.0
+    for i in range(-warm_ups, args.num_samples):  # negative samples warm up, not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         stream = None
@@ -1067,8 +1105,10 @@ def run(args, rank):
         last = args.profile is not None and i == args.num_samples - 1
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=last)
         if i < 0:
-            report_warm_up(stats, compiling)
-            save_compile_cache(args.compile_cache)
+            warm_up_s += stats["total"]
+            if i == -1:
+                report_warm_up(warm_up_s, compiling)
+                save_compile_cache(args.compile_cache)
             continue
         if tokenizer is not None:
             texts = completions(tokenizer, y, prompt.numel(), stats["start"], stop_ids, args.stop)
@@ -1097,9 +1137,11 @@ def run_prompt_file(model, draft, tokenizer, texts: list[str], prompts: list[Ten
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     batches = [order[i : i + B] for i in range(0, len(order), B)]
     full = [[prompts[i] for i in b] + [prompts[b[-1]]] * (B - len(b)) for b in batches]  # one compiled batch size
-    if compiling or device.type == "cuda":  # compiling and first-run costs stay out of the figures
-        _, stats = run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)
-        report_warm_up(stats, compiling)
+    if compiling or device.type == "cuda":  # compiling and first-run costs (CUDA graphs: two calls) stay out
+        warm_up_s = 0.0
+        for _ in range(2 if args.compile and device.type == "cuda" else 1):
+            warm_up_s += run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)[1]["total"]
+        report_warm_up(warm_up_s, compiling)
         save_compile_cache(args.compile_cache)
     results, rows = [""] * len(prompts), []
     for n, batch in enumerate(batches):
@@ -1150,11 +1192,11 @@ def write_jsonl(path: Path, prompts: list[str], completions: list[str]) -> None:
     quantize.save_atomic(lines.encode(), path)
 
 
-def report_warm_up(stats: dict, compiling: bool) -> None:
+def report_warm_up(seconds: float, compiling: bool) -> None:
     print(
-        f"Compilation and warm-up: {stats['total']:.2f} s ({compile_cache_summary()})"
+        f"Compilation and warm-up: {seconds:.2f} s ({compile_cache_summary()})"
         if compiling
-        else f"Warm-up: {stats['total']:.2f} s"
+        else f"Warm-up: {seconds:.2f} s"
     )
 
 

@@ -107,6 +107,33 @@ def test_a_prompt_in_chunks_fills_the_cache_and_continues_as_at_once(target):
         assert torch.equal(y[b, stats["start"][b] :], gen(target, p, 8, temperature=0)[0][0]), b
 
 
+def test_short_prompts_padded_to_a_bucket_give_the_plain_prefills_tokens_and_cache(target):
+    """bucketed_prefill (eager here; under --compile on CUDA a CUDA graph per bucket): the padding's cache entries
+    lie past the prompt and are overwritten before they are read, so tokens and cache are the plain prefill's, for
+    one row, a left-padded batch and a first chunk; longer prompts and later chunks go to the fallback."""
+    shapes = []
+
+    def padded(model, x, *args, **kwargs):
+        shapes.append(tuple(x.shape))
+        return generate.prefill_padded(model, x, *args, **kwargs)
+
+    bucketed = generate.bucketed_prefill(padded, generate.prefill)
+    cases = [([prompt_ids(n)], 0, [(1, b)] if b else []) for n, b in ((1, 16), (9, 16), (16, 16), (17, 32), (40, 64),
+                                                                     (64, 64), (65, 0))]  # fmt: skip
+    cases += [([prompt_ids(n, seed=n) for n in (3, 12, 9)], 0, [(3, 16)]), ([prompt_ids(40)], 20, [(1, 32)])]
+    cases += [([prompt_ids(n, seed=n) for n in (3, 17, 9)], 0, [])]  # 3 rows of 32: past dequant_matmul's rows
+    for prompts, chunk, expected in cases:
+        T = max(p.numel() for p in prompts)
+        target.max_seq_length = -1
+        ref, _ = gen(target, prompts, 10, temperature=0, prefill_chunk=chunk)
+        cache = [layer.attention.kv_cache.kv[..., : T + 9, :].clone() for layer in target.layers]
+        target.max_seq_length, shapes[:] = -1, []
+        y, _ = gen(target, prompts, 10, temperature=0, prefill_chunk=chunk, prefill_fn=bucketed)
+        assert torch.equal(y, ref) and shapes == expected, (T, shapes)
+        for layer, kv in zip(target.layers, cache, strict=True):
+            assert torch.allclose(layer.attention.kv_cache.kv[..., : T + 9, :], kv, atol=1e-5), T
+
+
 def test_a_compiled_prefill_in_chunks_gives_the_eager_tokens(target):
     """--compile_prefill's dynamic-shape graph over the first chunk and the later ones (they attend through the
     cache's mask), against the eager prompt at once."""

@@ -165,15 +165,17 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_row():
         proc.wait(timeout=30)
 
 
-def test_the_warm_up_runs_every_batch_size_a_round_can_have():
+def test_the_warm_up_runs_every_batch_size_and_prefill_bucket_a_round_can_have():
     import serve
 
     tok = get_tokenizer(STORIES / "tokenizer.model")
     model = generate.load_model(STORIES / "model.pth", "cpu", torch.float32)
     model.setup_caches(6, 64)
     engine = serve.Engine(model, tok, {}, max_batch=6, queue_size=4, context=64)
-    sizes = []
+    seen = []
     run = engine.generate
-    engine.generate = lambda jobs: sizes.append(len(jobs)) or run(jobs)
+    engine.generate = lambda jobs: seen.append((len(jobs), len(jobs[0].ids))) or run(jobs)
     engine.warm_up()
-    assert sizes == [1, 2, 4, 6] and engine.counts["batches"] == 4
+    # each prefill bucket that fits the context with room to decode, twice (CUDA graphs record on the second call)
+    assert seen == [(size, n) for size in (1, 2, 4, 6) for n in (16, 32, 16, 32)]
+    assert engine.counts["batches"] == len(seen)
