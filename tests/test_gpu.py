@@ -143,25 +143,34 @@ def test_compiled_default_decode_steps_match_eager_teacher_forced(stories, mode)
 @torch.no_grad()
 def test_compiled_prefill_matches_eager(stories, mode):
     """The compiled defaults' prefill (a CUDA graph per bucket up to 64 positions, then --compile_prefill's dynamic
-    shapes) against the plain eager model on the same weights: the next-token distribution after prompts of 1 to 100
-    tokens within 2% (bf16 rounding), and the cache they leave within bf16 rounding too."""
+    shapes) after prompts of 1 to 100 tokens, against the plain eager model on the same weights: the next-token
+    distribution and the cache it leaves are within bf16 rounding of the float32 model: no further from it than
+    twice the plain bf16 model is, or 2%."""
     path = stories
     if mode != "bf16":
         cli("quantize.py", "--checkpoint_path", str(stories), "--mode", mode, "--device", "cuda")
         path = q.output_path(stories, mode, 32)
     ids = story_ids(stories.parent / "tokenizer.model").repeat(3)
     sampling = dict(temperature=1.0, top_k=None)
-    model, _, steps = setup(path, "--compile", "--compile_prefill")
-    plain, _, plain_steps = setup(path, "--kernels", "torch", "--no-attention_kernel")
-    for m in (model, plain):
-        m.setup_caches(1, 128)
+    plain = ["--kernels", "torch", "--no-attention_kernel"]
+    models = [
+        setup(path, "--compile", "--compile_prefill"),
+        setup(path, *plain),
+        setup(path, *plain, "--precision", "fp32"),
+    ]
+    for model, _, _ in models:
+        model.setup_caches(1, 128)
+    errors = []
     for n in (1, 5, 16, 17, 25, 40, 64, 100):
-        pos = torch.arange(n, device="cuda")
-        probs = steps["prefill_fn"](model, ids[None, :n], pos, **sampling)[1]
-        ref = plain_steps["prefill_fn"](plain, ids[None, :n], pos, **sampling)[1]
-        assert rel_err(probs, ref) < 2e-2, n
-        for a, b in zip(model.layers, plain.layers, strict=True):
-            assert rel_err(a.attention.kv_cache.kv[..., :n, :], b.attention.kv_cache.kv[..., :n, :]) < 2e-2, n
+        pos, out = torch.arange(n, device="cuda"), []
+        for model, _, steps in models:
+            probs = steps["prefill_fn"](model, ids[None, :n], pos, **sampling)[1].clone()
+            out.append([probs] + [layer.attention.kv_cache.kv[..., :n, :].float() for layer in model.layers])
+        for i, (compiled, eager, ref) in enumerate(zip(*out, strict=True)):  # the distribution, then each layer's cache
+            errors.append((n, i, rel_err(compiled, ref), rel_err(eager, ref)))
+    print("largest error, compiled and eager:", max(e[2] for e in errors), max(e[3] for e in errors))
+    bad = [e for e in errors if e[2] > max(2e-2, 2 * e[3])]
+    assert not bad, f"(prompt length, 0: distribution / i: layer i-1's cache, compiled's error, eager's): {bad}"
 
 
 # ---------------------------------------------------------------- batches and speculative decoding
