@@ -443,6 +443,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         "(half the compile time)",
     )
     p.add_argument(
+        "--prefill_graphs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with --compile on CUDA (on by default): prompts of up to 64 tokens prefill in CUDA graphs, one per "
+        "padded length 16, 32, 64 (a first token in about two decode steps, a longer first compile)",
+    )
+    p.add_argument(
         "--compile_cache",
         type=Path,
         default=None,
@@ -586,6 +593,8 @@ def finish_model_args(args) -> None:
     """The model flags' defaults that depend on other flags."""
     if args.compile_layer_once is None:  # one compiled layer is --compile's default
         args.compile_layer_once = args.compile
+    if args.prefill_graphs is None:
+        args.prefill_graphs = args.compile
     args.groupsize = args.groupsize or 32
     args.kernels = args.kernels or "auto"
 
@@ -631,6 +640,8 @@ def check_model_args(args) -> None:
         raise SystemExit(f"error: --kernels {args.kernels} picks CUDA kernels: drop it for --device cpu")
     if args.compile_layer_once and not args.compile:
         raise SystemExit("error: --compile_layer_once shapes the compiled decode step: add --compile")
+    if args.prefill_graphs and not args.compile:
+        raise SystemExit("error: --prefill_graphs records compiled steps: add --compile")
     if args.attention_kernel and args.device.split(":")[0] != "cuda":
         raise SystemExit(f"error: --attention_kernel is a CUDA kernel: drop it for --device {args.device}")
     if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device):
@@ -861,7 +872,7 @@ def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool 
         steps["verify_fn"] = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
     if args.compile_prefill:
         steps["prefill_fn"] = torch.compile(prefill, fullgraph=fused_kernels_ok, dynamic=True)
-    if args.compile and fused_kernels_ok and device.type == "cuda":  # (a mixture of experts keeps its prefill)
+    if args.prefill_graphs and fused_kernels_ok and device.type == "cuda":  # (a mixture of experts keeps its own)
         padded = torch.compile(prefill_padded, mode="reduce-overhead", fullgraph=True, dynamic=False)
         steps["prefill_fn"] = bucketed_prefill(padded, steps["prefill_fn"])
     return steps

@@ -352,6 +352,8 @@ def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkp
     assert generate.parse_args(["--compile"]).compile_layer_once is True
     assert generate.parse_args(["--compile", "--no-compile_layer_once"]).compile_layer_once is False
     assert generate.parse_args([]).compile_layer_once is False
+    assert generate.parse_args(["--compile"]).prefill_graphs is True  # short prompts' CUDA graphs, on CUDA
+    assert generate.parse_args(["--compile", "--no-prefill_graphs"]).prefill_graphs is False
     argv = greedy_argv(checkpoint, llama2_tokenizer_path)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     outs = [
@@ -415,6 +417,7 @@ def test_cli_errors_are_one_line(capsys, checkpoint, llama2_tokenizer_path, tmp_
         capsys, "--checkpoint_path", checkpoint, "--speculate", "ngram", "--speculate_k", "-2"
     )
     assert "add --compile" in cli_error(capsys, "--checkpoint_path", checkpoint, "--compile_layer_once")
+    assert "add --compile" in cli_error(capsys, "--checkpoint_path", checkpoint, "--prefill_graphs")
     assert "--attention_kernel is a CUDA kernel" in cli_error(
         capsys, "--checkpoint_path", checkpoint, "--attention_kernel", "--device", "cpu"
     )
