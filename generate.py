@@ -1097,11 +1097,8 @@ def run(args, rank):
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    # first-run costs (compiling, library handles) stay out of the figures; a CUDA graph is recorded on a step's
-    # second call, and prefill is called once per sample
-    warm_ups = (2 if args.compile and device.type == "cuda" else 1) if compiling or device.type == "cuda" else 0
     warm_up_s = 0.0
-    for i in range(-warm_ups, args.num_samples):  # negative samples warm up, not counted
+    for i in range(-warm_up_runs(args, device), args.num_samples):  # negative samples warm up, not counted
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         stream = None
@@ -1148,9 +1145,9 @@ def run_prompt_file(model, draft, tokenizer, texts: list[str], prompts: list[Ten
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     batches = [order[i : i + B] for i in range(0, len(order), B)]
     full = [[prompts[i] for i in b] + [prompts[b[-1]]] * (B - len(b)) for b in batches]  # one compiled batch size
-    if compiling or device.type == "cuda":  # compiling and first-run costs (CUDA graphs: two calls) stay out
+    if warm_up_runs(args, device):
         warm_up_s = 0.0
-        for _ in range(2 if args.compile and device.type == "cuda" else 1):
+        for _ in range(warm_up_runs(args, device)):
             warm_up_s += run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)[1]["total"]
         report_warm_up(warm_up_s, compiling)
         save_compile_cache(args.compile_cache)
@@ -1201,6 +1198,14 @@ def write_jsonl(path: Path, prompts: list[str], completions: list[str]) -> None:
     pairs = zip(prompts, completions, strict=True)
     lines = "".join(json.dumps({"prompt": p, "completion": c}, ensure_ascii=False) + "\n" for p, c in pairs)
     quantize.save_atomic(lines.encode(), path)
+
+
+def warm_up_runs(args, device: torch.device) -> int:
+    """Samples run before the measured ones, so that compiling and first-run costs (library handles) stay out of the
+    figures: two with CUDA graphs, which record on a step's second call (prefill is called once per sample)."""
+    if device.type == "cuda":
+        return 2 if args.compile else 1
+    return 1 if args.compile or args.compile_prefill else 0
 
 
 def report_warm_up(seconds: float, compiling: bool) -> None:
