@@ -29,19 +29,26 @@ def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
+def is_greedy(temperature: float | Tensor) -> bool:
+    """Temperature 0, as a number. A compiled step specializes on a float (one graph per value), so a caller with
+    many values (serve.py) passes a 0-d tensor, which always samples."""
+    return not isinstance(temperature, Tensor) and temperature == 0
+
+
 def logits_to_probs(
-    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+    logits: Tensor, temperature: float | Tensor = 1.0, top_k: Optional[int] = None, top_p: float | Tensor | None = None
 ) -> Tensor:
-    """Next-token distribution [..., V]; temperature 0 gives the one-hot of the argmax (greedy)."""
+    """Next-token distribution [..., V]; temperature 0 gives the one-hot of the argmax (greedy). temperature and top_p
+    may be 0-d tensors (is_greedy)."""
     logits = logits.float()
-    if temperature == 0:
+    if is_greedy(temperature):
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
     if top_k is not None:
         v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
         logits = torch.where(logits < v[..., -1:], -float("inf"), logits)
     probs = torch.softmax(logits, dim=-1)
-    if top_p is not None and top_p < 1.0:
+    if top_p is not None and (isinstance(top_p, Tensor) or top_p < 1.0):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > top_p  # keep the smallest head whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs.masked_fill(outside, 0.0))
@@ -50,12 +57,12 @@ def logits_to_probs(
 
 
 def sample(
-    logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None
+    logits: Tensor, temperature: float | Tensor = 1.0, top_k: Optional[int] = None, top_p: float | Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V]). With top_k, exactly the k largest
     logits are candidates (logits_to_probs keeps ties with the k-th too)."""
     logits = logits[:, -1].float()  # [B, V]
-    if temperature == 0:  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
+    if is_greedy(temperature):  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
         return logits.argmax(-1, keepdim=True).int(), logits_to_probs(logits, 0)
     if top_k is None or top_k >= logits.size(-1):
         probs = logits_to_probs(logits, temperature, top_k, top_p)

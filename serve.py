@@ -64,6 +64,14 @@ class Job:
     def send(self, *event) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
+    def sampling(self, device: torch.device) -> dict:
+        """generate()'s sampling arguments; temperature and top_p as tensors (generate.is_greedy), so that every
+        value a client sends runs on the same compiled steps."""
+        if self.temperature == 0:
+            return dict(temperature=0.0, top_k=None, top_p=None)
+        top_p = torch.tensor(self.top_p, device=device) if self.top_p < 1 else None
+        return dict(temperature=torch.tensor(self.temperature, device=device), top_k=None, top_p=top_p)
+
     def samples_like(self, other: "Job") -> bool:
         """Whether both can share a batch: one temperature and top_p, and no seed (a seeded request runs alone)."""
         return (self.temperature, self.top_p, self.seed, other.seed) == (other.temperature, other.top_p, None, None)
@@ -165,8 +173,8 @@ class Engine:
         if jobs[0].seed is not None:
             torch.manual_seed(jobs[0].seed)
         generate.generate(
-            self.model, rows, max(j.max_tokens for j in jobs), callback=on_tokens, temperature=jobs[0].temperature,
-            top_k=None, top_p=jobs[0].top_p, **self.steps,
+            self.model, rows, max(j.max_tokens for j in jobs), callback=on_tokens, **jobs[0].sampling(self.device),
+            **self.steps,
         )  # fmt: skip
         for b, job in enumerate(jobs):
             if finish[b] is None:

@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+import torch._dynamo.testing
 from conftest import ROOT, random_transformer, save_checkpoint, tiny_args
 
 import bench
@@ -64,6 +65,31 @@ def test_top_k_sampling_draws_from_the_top_k_distribution():
     freq = torch.bincount(tokens.view(-1).long(), minlength=1000) / tokens.numel()
     assert set(freq.nonzero().view(-1).tolist()) <= set(want.nonzero().view(-1).tolist())
     assert (freq - want).abs().max() < 0.03  # 4000 draws: one standard deviation is at most 0.008
+
+
+def test_tensor_temperatures_sample_as_floats_and_share_one_compiled_step(target):
+    """serve.py passes temperature and top_p as 0-d tensors: the same draws as the floats, and one compiled graph for
+    every value, where a float is baked into the graph (a compile per value, as a server's clients would send)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 1000)
+    draws = []
+    for t, p in ((0.7, 0.9), (torch.tensor(0.7), torch.tensor(0.9))):
+        torch.manual_seed(1)
+        draws.append(sample(logits, temperature=t, top_p=p))
+    assert torch.equal(draws[0][0], draws[1][0]) and torch.allclose(draws[0][1], draws[1][1])
+
+    target.max_seq_length = -1
+    target.setup_caches(1, 16)
+    x, pos = prompt_ids(1)[None], torch.tensor([0])
+    for kind in (torch.tensor, float):
+        torch._dynamo.reset()
+        counter = torch._dynamo.testing.CompileCounter()
+        step = torch.compile(generate.decode_one_token, backend=counter, dynamic=False, fullgraph=True)
+        for t in (0.6, 0.8, 1.3):
+            with torch.no_grad():
+                step(target, x, pos, temperature=kind(t), top_k=None, top_p=kind(0.95))
+        assert counter.frame_count == (1 if kind is torch.tensor else 3), kind
+    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------- the generation loop

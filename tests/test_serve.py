@@ -67,10 +67,12 @@ def greedy():
     tok = get_tokenizer(STORIES / "tokenizer.model")
     model = generate.load_model(STORIES / "model.pth", "cpu", torch.float32)
 
-    def run(ids: list[int], max_tokens: int, chat: bool) -> str:
+    def run(ids: list[int], max_tokens: int, chat: bool, seed: int = 0, **sampling) -> str:
         model.max_seq_length = -1
+        torch.manual_seed(seed)
+        sampling = sampling or dict(temperature=0)
         y, _ = generate.generate(
-            model, torch.tensor(ids, dtype=torch.int), max_tokens, temperature=0, stop_ids=tok.stop_ids()
+            model, torch.tensor(ids, dtype=torch.int), max_tokens, top_k=None, stop_ids=tok.stop_ids(), **sampling
         )
         if chat:  # a reply is decoded alone
             return tok.decode([t for t in y[0, len(ids) :].tolist() if t not in tok.stop_ids()])
@@ -94,6 +96,18 @@ def test_completions_and_chat_match_generate_greedy_streamed_or_not(server, gree
     assert r.choices[0].finish_reason == "stop" and "park" not in r.choices[0].text
     assert r.usage.prompt_tokens == len(greedy.tok.encode(PROMPTS[0])) and 0 < r.usage.completion_tokens < 40
     assert [m.id for m in c.models.list().data] == ["stories260K"]
+
+
+def test_a_seeded_sampled_request_draws_what_generate_draws(server, greedy):
+    """temperature and top_p reach the compiled steps as tensors (one graph for every value): the same draws as
+    generate() with the same seed and the values as floats."""
+    ids = greedy.tok.encode(PROMPTS[0])
+    for temperature, top_p in ((0.8, 0.9), (1.3, 1.0)):
+        r = client(server).completions.create(
+            model="m", prompt=PROMPTS[0], max_tokens=40, temperature=temperature, top_p=top_p, seed=7
+        )
+        want = greedy(ids, 40, chat=False, seed=7, temperature=temperature, top_p=top_p)
+        assert r.choices[0].text == want and want != greedy(ids, 40, chat=False)
 
 
 def test_32_concurrent_requests_are_answered_each_with_its_own_text(server, greedy):
