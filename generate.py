@@ -29,19 +29,13 @@ def multinomial_sample_one_no_sync(probs: Tensor) -> Tensor:
     return torch.argmax(probs / q, dim=-1, keepdim=True).to(dtype=torch.int)
 
 
-def is_greedy(temperature: float | Tensor) -> bool:
-    """Temperature 0, as a number. A compiled step specializes on a float (one graph per value), so a caller with
-    many values (serve.py) passes a 0-d tensor, which always samples."""
-    return not isinstance(temperature, Tensor) and temperature == 0
-
-
 def logits_to_probs(
     logits: Tensor, temperature: float | Tensor = 1.0, top_k: Optional[int] = None, top_p: float | Tensor | None = None
 ) -> Tensor:
     """Next-token distribution [..., V]; temperature 0 gives the one-hot of the argmax (greedy). temperature and top_p
-    may be 0-d tensors (is_greedy)."""
+    may be 0-d tensors (sample_any), temperature then above 0."""
     logits = logits.float()
-    if is_greedy(temperature):
+    if not isinstance(temperature, Tensor) and temperature == 0:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.size(-1)).float()
     logits = logits / temperature
     if top_k is not None:
@@ -62,7 +56,9 @@ def sample(
     """From the last position's logits [B, S, V]: (token [B, 1], probs [B, V]). With top_k, exactly the k largest
     logits are candidates (logits_to_probs keeps ties with the k-th too)."""
     logits = logits[:, -1].float()  # [B, V]
-    if is_greedy(temperature):  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
+    if isinstance(temperature, Tensor):
+        return sample_any(logits, temperature, top_p)
+    if temperature == 0:  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
         return logits.argmax(-1, keepdim=True).int(), logits_to_probs(logits, 0)
     if top_k is None or top_k >= logits.size(-1):
         probs = logits_to_probs(logits, temperature, top_k, top_p)
@@ -73,6 +69,15 @@ def sample(
     probs_k = logits_to_probs(top, temperature, None, top_p)  # [B, k]
     token = idx.gather(-1, multinomial_sample_one_no_sync(probs_k).long()).int()  # [B, 1]
     return token, torch.zeros_like(logits).scatter_(-1, idx, probs_k)
+
+
+def sample_any(logits: Tensor, temperature: Tensor, top_p: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """sample() for logits [B, V] with temperature (and top_p) as 0-d tensors, 0 for greedy: every value in one
+    compiled graph, where a float is baked into the graph and each new value compiles it again (serve.py's
+    clients send any)."""
+    probs = logits_to_probs(logits, temperature.clamp(min=1e-4), None, top_p)  # greedy: nearly one-hot, finite
+    greedy = logits.argmax(-1, keepdim=True).int()
+    return torch.where(temperature == 0, greedy, multinomial_sample_one_no_sync(probs)), probs
 
 
 # ---------------------------------------------------------------- the generation loop

@@ -65,12 +65,10 @@ class Job:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def sampling(self, device: torch.device) -> dict:
-        """generate()'s sampling arguments; temperature and top_p as tensors (generate.is_greedy), so that every
-        value a client sends runs on the same compiled steps."""
-        if self.temperature == 0:
-            return dict(temperature=0.0, top_k=None, top_p=None)
-        top_p = torch.tensor(self.top_p, device=device) if self.top_p < 1 else None
-        return dict(temperature=torch.tensor(self.temperature, device=device), top_k=None, top_p=top_p)
+        """generate()'s sampling arguments, as tensors (generate.sample_any): every value a client sends, greedy
+        too, runs on the same compiled steps."""
+        t, p = (torch.tensor(v, dtype=torch.float, device=device) for v in (self.temperature, self.top_p))
+        return dict(temperature=t, top_k=None, top_p=p)
 
     def samples_like(self, other: "Job") -> bool:
         """Whether both can share a batch: one temperature and top_p, and no seed (a seeded request runs alone)."""

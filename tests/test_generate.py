@@ -68,8 +68,8 @@ def test_top_k_sampling_draws_from_the_top_k_distribution():
 
 
 def test_tensor_temperatures_sample_as_floats_and_share_one_compiled_step(target):
-    """serve.py passes temperature and top_p as 0-d tensors: the same draws as the floats, and one compiled graph for
-    every value, where a float is baked into the graph (a compile per value, as a server's clients would send)."""
+    """serve.py passes temperature and top_p as 0-d tensors: the same draws as the floats (0: the argmax), and one
+    compiled graph for every value, where a float is baked into the graph (a compile per value a client sends)."""
     torch.manual_seed(0)
     logits = torch.randn(2, 3, 1000)
     draws = []
@@ -77,6 +77,8 @@ def test_tensor_temperatures_sample_as_floats_and_share_one_compiled_step(target
         torch.manual_seed(1)
         draws.append(sample(logits, temperature=t, top_p=p))
     assert torch.equal(draws[0][0], draws[1][0]) and torch.allclose(draws[0][1], draws[1][1])
+    greedy, _ = sample(logits, temperature=torch.tensor(0.0), top_p=torch.tensor(1.0))
+    assert torch.equal(greedy, logits[:, -1].argmax(-1, keepdim=True).int())
 
     target.max_seq_length = -1
     target.setup_caches(1, 16)
@@ -85,9 +87,9 @@ def test_tensor_temperatures_sample_as_floats_and_share_one_compiled_step(target
         torch._dynamo.reset()
         counter = torch._dynamo.testing.CompileCounter()
         step = torch.compile(generate.decode_one_token, backend=counter, dynamic=False, fullgraph=True)
-        for t in (0.6, 0.8, 1.3):
+        for t, p in ((0.0, 1.0), (0.8, 0.95), (1.3, 1.0)):  # greedy, top-p, plain
             with torch.no_grad():
-                step(target, x, pos, temperature=kind(t), top_k=None, top_p=kind(0.95))
+                step(target, x, pos, temperature=kind(t), top_k=None, top_p=kind(p))
         assert counter.frame_count == (1 if kind is torch.tensor else 3), kind
     torch._dynamo.reset()
 
