@@ -20,7 +20,6 @@ from quantize import (
     DEQUANT_MIN_ROWS,
     WeightOnlyInt4Linear,
     WeightOnlyInt8Linear,
-    dequantize_codes,
     int4_fits,
     set_module,
     unpack_int4,
@@ -462,6 +461,55 @@ if triton is not None:
         return x.new_empty(x.shape[0], w.shape[0])
 
 
+# ---------------------------------------------------------------- int4 weights for a long prompt's matmul
+
+if triton is not None:
+
+    @triton.jit
+    def dequantize_int4_kernel(
+        w_ptr, s_ptr, out_ptr, N, K, W_STRIDE, SZ_STRIDE,
+        GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):  # fmt: skip
+        """out [N, K] = (q - 8) * scale + zero from the GEMV's layout (int32 words [N, K/8], rows W_STRIDE apart; scales
+        as dequant_matmul reads them): each word read once and each weight written once."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        word = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
+        ok = (offs_n[:, None] < N) & (word[None, :] < K // 8)
+        w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=ok, other=0)
+        sz = tl.load(s_ptr + (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None], mask=ok, other=0)
+        s, z = (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+        k = 32 * (word // 4) + word % 4  # k of each word's code 0
+        for i in tl.static_range(8):
+            q = (int4_code(w, i) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8, exact
+            out = out_ptr + offs_n[:, None] * K + (k + 4 * i)[None, :]
+            tl.store(out, (q * s + z).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequantize_int4_gemv(words: Tensor, scales: Tensor, groupsize: int, dtype: torch.dtype) -> Tensor:
+    """Int4GemvLinear's weights [N, K] in dtype, on dequantize_int4_kernel: for a prompt too long for dequant_matmul,
+    where unpacking with PyTorch ops (unpack_int4_gemv, quantize.dequantize_codes) takes a pass over the weights per
+    operation and would cost more than the matmul."""
+    N, K = words.shape[0], words.shape[1] * 8
+    out = torch.empty(N, K, dtype=dtype, device=words.device)
+    s = scales.view(torch.int32)  # [K/g, N]: bf16 scale in the low half, zero in the high half
+    grid = (triton.cdiv(N, 16), triton.cdiv(K // 8, 64))
+    dequantize_int4_kernel[grid](words, s, out, N, K, words.stride(0), s.stride(0), GROUP=groupsize, BLOCK_N=16,
+                                 BLOCK_W=64)  # fmt: skip
+    return out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("gptfast::dequantize_int4", mutates_args=())
+    def dequantize_int4_op(words: Tensor, scales: Tensor, groupsize: int, dtype: torch.dtype) -> Tensor:
+        """dequantize_int4_gemv as an opaque op, as gemv_op."""
+        return dequantize_int4_gemv(words, scales, groupsize, dtype)
+
+    @dequantize_int4_op.register_fake
+    def _(words, scales, groupsize, dtype):
+        return words.new_empty(words.shape[0], words.shape[1] * 8, dtype=dtype)
+
+
 # ---------------------------------------------------------------- decode attention in one kernel
 
 if triton is not None:
@@ -722,8 +770,8 @@ class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
     """An int4 layer repacked for int4_gemv_kernel (to_int4_gemv): one row on the GEMV, a few on dequant_matmul in a
-    compiled step (else on the GEMV, up to max_rows); longer prompts read the codes back out of its layout and run one
-    matmul."""
+    compiled step (else on the GEMV, up to max_rows); longer prompts dequantize its layout in one kernel
+    (dequantize_int4_gemv) and run one matmul."""
 
     kernel_tensors = ("packed", "scales_and_zeros", 1)
     max_rows = DEQUANT_MIN_ROWS
@@ -736,8 +784,8 @@ class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
             return self.matmul(x)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
-        y = F.linear(x, dequantize_codes(unpack_int4_gemv(self.packed), self.scales_and_zeros, x.dtype))
-        return y.to(x.dtype).view(*shape[:-1], self.out_features)
+        y = F.linear(x, dequantize_int4_op(self.packed, self.scales_and_zeros, self.groupsize, x.dtype))
+        return y.view(*shape[:-1], self.out_features)
 
 
 def to_int4_gemv(m: WeightOnlyInt4Linear, device: torch.device) -> None:

@@ -228,6 +228,14 @@ ones = torch.ones(16, 1)
 packed, sz = q.pack_int4(codes, ones, 8 * ones)  # scale 1, zero 8: the weight is the code
 y = k.gemv(torch.eye(32), k.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, BLOCK_N=4, BLOCK_C=32)
 assert torch.equal(y, codes.t().float()), "every code read back exactly"
+w = k.dequantize_int4_gemv(k.pack_int4_gemv(packed), sz.to(torch.bfloat16), 32, torch.float32)
+assert torch.equal(w, codes.float()), "every code dequantized exactly"
+for N, K, G in ((37, 320, 32), (10, 512, 64), (8, 256, 128), (5, 768, 256)):  # a long prompt's weights
+    packed, sz = q.quantize_int4(torch.randn(2 * N, K), G)
+    words, sz = k.pack_int4_gemv(packed), sz.to(torch.bfloat16)
+    for rows, scales in ((words, sz), (words[N:], sz[:, N:])):  # both, and w3 of a gated pair: strided scales
+        want = q.dequantize_codes(k.unpack_int4_gemv(rows), scales, torch.float32)
+        assert torch.allclose(k.dequantize_int4_gemv(rows, scales, G, torch.float32), want, rtol=1e-6), (N, K, G)
 model = q.quantize_model(random_transformer(tiny_args(vocab_size=64)), "int4", 32)
 int4 = [m for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)]
 for m in int4:
@@ -249,8 +257,9 @@ print("ok")
 
 def test_triton_int4_gemv_matches_the_plain_pytorch_fallback():
     """The CUDA int4 kernels in Triton's interpreter: plain and gated (SwiGLU) against the dequantize-matmul reference
-    (all group sizes, ragged shapes, every code value exactly), then a quantized model's logits, prefill and decode,
-    on the kernels and with prefill dequantized from their layout."""
+    (all group sizes, ragged shapes, every code value exactly), the long-prompt dequantization against the PyTorch
+    one, then a quantized model's logits, prefill and decode, on the kernels and with prefill dequantized from their
+    layout."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(TRITON_INT4_CHECK)
 
