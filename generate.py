@@ -57,7 +57,7 @@ def sample(
     logits are candidates (logits_to_probs keeps ties with the k-th too)."""
     logits = logits[:, -1].float()  # [B, V]
     if isinstance(temperature, Tensor):
-        return sample_any(logits, temperature, top_p)
+        return sample_any(logits, temperature, top_k, top_p)
     if temperature == 0:  # greedy draws no random numbers: a prompt's chunks leave the sampling stream alone
         return logits.argmax(-1, keepdim=True).int(), logits_to_probs(logits, 0)
     if top_k is None or top_k >= logits.size(-1):
@@ -71,11 +71,13 @@ def sample(
     return token, torch.zeros_like(logits).scatter_(-1, idx, probs_k)
 
 
-def sample_any(logits: Tensor, temperature: Tensor, top_p: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+def sample_any(
+    logits: Tensor, temperature: Tensor, top_k: Optional[int] = None, top_p: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
     """sample() for logits [B, V] with temperature (and top_p) as 0-d tensors, 0 for greedy: every value in one
     compiled graph, where a float is baked into the graph and each new value compiles it again (serve.py's
     clients send any)."""
-    probs = logits_to_probs(logits, temperature.clamp(min=1e-4), None, top_p)  # greedy: nearly one-hot, finite
+    probs = logits_to_probs(logits, temperature.clamp(min=1e-4), top_k, top_p)  # greedy: nearly one-hot, finite
     greedy = logits.argmax(-1, keepdim=True).int()
     return torch.where(temperature == 0, greedy, multinomial_sample_one_no_sync(probs)), probs
 

@@ -79,6 +79,10 @@ def test_tensor_temperatures_sample_as_floats_and_share_one_compiled_step(target
     assert torch.equal(draws[0][0], draws[1][0]) and torch.allclose(draws[0][1], draws[1][1])
     greedy, _ = sample(logits, temperature=torch.tensor(0.0), top_p=torch.tensor(1.0))
     assert torch.equal(greedy, logits[:, -1].argmax(-1, keepdim=True).int())
+    tokens, probs = sample(logits, temperature=torch.tensor(0.8), top_k=5)
+    assert torch.allclose(probs, logits_to_probs(logits[:, -1], 0.8, top_k=5)) and bool(
+        probs.gather(-1, tokens.long()).all()
+    )
 
     target.max_seq_length = -1
     target.setup_caches(1, 16)
