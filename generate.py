@@ -461,7 +461,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="with --compile on CUDA (on by default): prompts of up to 64 tokens prefill in CUDA graphs, one per "
-        "padded length 16, 32, 64 (a first token in about two decode steps, a longer first compile)",
+        "padded length 16, 32, 64 (a shorter time to first token, a longer first compile)",
     )
     p.add_argument(
         "--compile_cache",
