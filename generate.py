@@ -101,26 +101,28 @@ PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile:
 
 
 def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
-    """A prompt padded on the right, x [B, S] at input_pos = arange(S), run as a decode step of S positions (causal
-    mask over the cache); returns what prefill does, from position last [1]. A padding position sees only what comes
-    before it, and its cache entries lie past the prompt, where each later step writes before any query reads."""
+    """Prompt positions padded on the right, x [B, S] at consecutive input_pos [S], run as a decode step of S
+    positions (causal mask over the cache); returns what prefill does, from x's position last [1]. A padding position
+    sees only what comes before it, and its cache entries lie past the prompt, where each later step writes before
+    any query reads."""
     return sample(model(x, input_pos).index_select(1, last), **sampling_kwargs)
 
 
 def bucketed_prefill(padded_fn, fallback_fn):
-    """A prefill that runs a prompt of up to PREFILL_BUCKETS[-1] positions, padded to the next bucket, in padded_fn:
-    compiled with CUDA graphs, it replays the whole prompt in one launch where a prefill of dynamic shape launches
-    every kernel from Python, which costs more than the weights' read for a short prompt. Later chunks, longer
-    prompts, and batches of more rows than dequant_matmul takes (prefill_padded is then compute-bound) use
-    fallback_fn."""
+    """A prefill that runs up to PREFILL_BUCKETS[-1] prompt positions (a short prompt, the last chunk of a long one,
+    a chat's new turn), padded to the next bucket, in padded_fn: compiled with CUDA graphs, it replays them in one
+    launch where a prefill of dynamic shape launches every kernel from Python, which costs more than the weights'
+    read for a few positions. More positions, and batches of more rows than dequant_matmul takes (prefill_padded is
+    then compute-bound), use fallback_fn."""
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs):
         B, S = x.shape
         n = next((n for n in PREFILL_BUCKETS if n >= S), 0)
-        if continued or not n or B * n > kernels.MATMUL_MAX_ROWS or n > model.max_seq_length:
+        end = int(input_pos[0]) + n if n else 0  # the padding's positions must lie inside the cache
+        if not n or B * n > kernels.MATMUL_MAX_ROWS or end > model.max_seq_length:
             return fallback_fn(model, x, input_pos, continued=continued, **sampling_kwargs)
-        last = torch.tensor([S - 1], device=x.device)
-        return padded_fn(model, F.pad(x, (0, n - S)), torch.arange(n, device=x.device), last, **sampling_kwargs)
+        last, pos = torch.tensor([S - 1], device=x.device), torch.arange(end - n, end, device=x.device)
+        return padded_fn(model, F.pad(x, (0, n - S)), pos, last, **sampling_kwargs)
 
     return run
 
@@ -252,6 +254,7 @@ def generate(
     decode_fn=decode_one_token,
     verify_fn=model_forward,
     prefill_chunk: int = PREFILL_CHUNK,
+    cached: int = 0,
     **sampling_kwargs,
 ) -> tuple[Tensor, dict]:
     """Generate up to max_new_tokens after prompt [T] in batch_size rows, or after each prompt of a list, one row
@@ -260,7 +263,9 @@ def generate(
 
     speculate: None, "draft" (needs draft_model) or "ngram". Generation stops early when every row has
     produced a token of stop_ids; the rest of a row after its stop token is left as generated. The prompt runs
-    prefill_chunk positions at a time (0: at once), so that its activations take bounded memory.
+    prefill_chunk positions at a time (0: at once), so that its activations take bounded memory. cached: the first
+    positions of a single prompt whose keys and values the cache already holds (a chat's earlier turns, one row, no
+    draft model); they are used unless the cache has to be allocated anew.
     """
     prompts = list(prompt) if isinstance(prompt, (list, tuple)) else [prompt.view(-1)] * batch_size
     batch_size, lengths = len(prompts), [p.numel() for p in prompts]
@@ -275,6 +280,8 @@ def generate(
         raise ValueError(f"speculative decoding runs at batch size 1, got batch_size={batch_size}")
     if speculate == "draft" and draft_model is None:
         raise ValueError("speculate='draft' needs a draft_model")
+    if cached and (batch_size != 1 or draft_model is not None or not 0 < cached < T):
+        raise ValueError(f"cached={cached}: needs one row, no draft model, and at least one new prompt token")
     extra = speculate_k + 1 if speculate else 0  # verification writes up to k+1 positions past the end
     max_seq_length = min(T + max_new_tokens + extra, model.config.block_size)
     if T + max_new_tokens > model.config.block_size:
@@ -282,6 +289,8 @@ def generate(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the context length {model.config.block_size}"
         )
+    if model.max_seq_length < max_seq_length or model.max_batch_size < batch_size:
+        cached = 0  # setup_caches allocates a new, empty cache
     model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
     if draft_model is not None:
         draft_model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
@@ -293,7 +302,7 @@ def generate(
     start = [T - n for n in lengths]
     model.set_row_starts(torch.tensor(start, dtype=torch.int))
     chunk = prefill_chunk if prefill_chunk > 0 else T
-    for s in range(0, T, chunk):  # only the last chunk's token is kept: greedy before it, which draws nothing
+    for s in range(cached, T, chunk):  # only the last chunk's token is kept: greedy before it, which draws nothing
         end = min(s + chunk, T)
         x, pos, last = seq[:, s:end], torch.arange(s, end, device=device), end == T
         kwargs = sampling_kwargs if last else {**sampling_kwargs, "temperature": 0}
@@ -935,8 +944,10 @@ class TextStream:
         return self.text
 
 
-def run_sample(model, prompt: Tensor | list[Tensor], args, steps, stop_ids, draft, callback, device, profile: bool):
-    """Generate once; returns (tokens [B, T+n], timings)."""
+def run_sample(
+    model, prompt: Tensor | list[Tensor], args, steps, stop_ids, draft, callback, device, profile: bool, cached: int = 0
+):
+    """Generate once; returns (tokens [B, T+n], timings). cached: as generate()'s."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ctx = torch.profiler.profile() if profile else contextlib.nullcontext()
     with ctx as prof:
@@ -945,7 +956,7 @@ def run_sample(model, prompt: Tensor | list[Tensor], args, steps, stop_ids, draf
         y, stats = generate(
             model, prompt, args.max_new_tokens, batch_size=args.batch_size, draft_model=draft, speculate=args.speculate,
             speculate_k=args.speculate_k, callback=callback, stop_ids=stop_ids, prefill_chunk=args.prefill_chunk,
-            temperature=args.temperature,
+            cached=cached, temperature=args.temperature,
             top_k=args.top_k or None, top_p=args.top_p, **steps,
         )  # fmt: skip
         sync()
@@ -978,13 +989,24 @@ def report(i, stats, bytes_per_token, device, bandwidth=None, batch_size: int = 
     return row
 
 
+def shared_prefix(a: list[int], b: list[int]) -> int:
+    """How many leading tokens a and b have in common."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def interactive_loop(model, tokenizer, args, steps, draft, device):
-    """A multi-turn chat in the model's chat template: the whole conversation is each reply's prompt; it restarts
-    when it outgrows the context. Ctrl-C stops the reply being written and the chat goes on; Ctrl-C or Ctrl-D at
-    the prompt leaves."""
+    """A multi-turn chat in the model's chat template: the whole conversation is each reply's prompt, of which only
+    what the KV cache does not hold yet is prefilled; it restarts when it outgrows the context. Ctrl-C stops the
+    reply being written and the chat goes on; Ctrl-C or Ctrl-D at the prompt leaves."""
     stop_ids = tokenizer.stop_ids()
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
+    in_cache: list[int] = []  # the tokens whose keys and values the cache holds, from position 0
     while True:
         try:
             message = input("\nWhat is your prompt? ")
@@ -1005,13 +1027,23 @@ def interactive_loop(model, tokenizer, args, steps, draft, device):
                 "try a shorter one)"
             )
             continue
+        need = min(
+            len(ids) + args.max_new_tokens + (args.speculate_k + 1 if args.speculate else 0), model.config.block_size
+        )
+        if model.max_seq_length < need:  # a new, empty cache, twice as long: few of them (and recompiles) in a chat
+            model.setup_caches(1, min(model.config.block_size, max(need, 2 * model.max_seq_length)))
+            in_cache = []
+        reuse = draft is None and args.batch_size == 1  # a draft model's cache is not kept in step
+        cached = min(shared_prefix(in_cache, ids), len(ids) - 1) if reuse else 0
         prompt = torch.tensor(ids, dtype=torch.int, device=device)
         stream = TextStream(tokenizer, stop_ids, args.stop or ())
         try:
-            y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=False)
+            y, _ = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=False, cached=cached)
         except KeyboardInterrupt:
+            in_cache = in_cache[:cached]  # the prefill writes from position `cached` on
             print("\n(stopped: this turn is left out of the conversation)")
             continue
+        in_cache = y[0, :-1].tolist()  # the last token was sampled, never fed
         reply_ids = [t for t in y[0, len(ids) :].tolist() if t not in stop_ids]  # built-in formats keep the tokens
         messages += [{"role": "user", "content": message}]
         messages += [{"role": "assistant", "content": stream.finish(), "ids": reply_ids}]

@@ -142,7 +142,7 @@ def test_a_prompt_in_chunks_fills_the_cache_and_continues_as_at_once(target):
 def test_short_prompts_padded_to_a_bucket_give_the_plain_prefills_tokens_and_cache(target):
     """bucketed_prefill (eager here; under --compile on CUDA a CUDA graph per bucket): the padding's cache entries
     lie past the prompt and are overwritten before they are read, so tokens and cache are the plain prefill's, for
-    one row, a left-padded batch and a first chunk; longer prompts and later chunks go to the fallback."""
+    one row, a left-padded batch and chunks; more positions than a bucket go to the fallback."""
     shapes = []
 
     def padded(model, x, *args, **kwargs):
@@ -152,7 +152,8 @@ def test_short_prompts_padded_to_a_bucket_give_the_plain_prefills_tokens_and_cac
     bucketed = generate.bucketed_prefill(padded, generate.prefill)
     cases = [([prompt_ids(n)], 0, [(1, b)] if b else []) for n, b in ((1, 16), (9, 16), (16, 16), (17, 32), (40, 64),
                                                                      (64, 64), (65, 0))]  # fmt: skip
-    cases += [([prompt_ids(n, seed=n) for n in (3, 12, 9)], 0, [(3, 16)]), ([prompt_ids(40)], 20, [(1, 32)])]
+    cases += [([prompt_ids(n, seed=n) for n in (3, 12, 9)], 0, [(3, 16)]), ([prompt_ids(40)], 20, [(1, 32)] * 2)]
+    cases += [([prompt_ids(80)], 70, [(1, 16)])]  # a first chunk past the buckets, a last one in
     cases += [([prompt_ids(n, seed=n) for n in (3, 17, 9)], 0, [])]  # 3 rows of 32: past dequant_matmul's rows
     for prompts, chunk, expected in cases:
         T = max(p.numel() for p in prompts)
@@ -164,6 +165,32 @@ def test_short_prompts_padded_to_a_bucket_give_the_plain_prefills_tokens_and_cac
         assert torch.equal(y, ref) and shapes == expected, (T, shapes)
         for layer, kv in zip(target.layers, cache, strict=True):
             assert torch.allclose(layer.attention.kv_cache.kv[..., : T + 9, :], kv, atol=1e-5), T
+
+
+def test_a_prompt_that_extends_the_cached_one_prefills_only_its_new_tokens(target):
+    """A chat's next turn (cached=): the cache already holds the earlier turns, so prefill starts after them (in a
+    padded bucket step too), and the tokens are those of the whole prompt from scratch; a cache that must be
+    allocated anew holds nothing, and the whole prompt is prefilled."""
+    starts = []
+
+    def recording(model, x, input_pos, **kwargs):
+        starts.append(int(input_pos[0]))
+        return bucketed(model, x, input_pos, **kwargs)
+
+    bucketed = generate.bucketed_prefill(generate.prefill_padded, generate.prefill)
+    target.max_seq_length = -1
+    target.setup_caches(1, 128)
+    first, _ = gen(target, prompt_ids(9), 8, temperature=0)
+    second = torch.cat([first[0], prompt_ids(5, seed=3)])  # the reply's last token was never fed
+    y, _ = gen(target, second, 8, temperature=0, cached=first.shape[1] - 1, prefill_fn=recording)
+    assert starts == [first.shape[1] - 1]
+    target.max_seq_length = -1
+    assert torch.equal(y, gen(target, second, 8, temperature=0)[0])
+    target.max_seq_length, starts[:] = 16, []  # too short for the prompt: a new cache
+    assert torch.equal(y, gen(target, second, 8, temperature=0, cached=16, prefill_fn=recording)[0])
+    assert starts == [0]
+    with pytest.raises(ValueError, match="one row"):
+        gen(target, [second, second], 8, temperature=0, cached=4)
 
 
 def test_a_compiled_prefill_in_chunks_gives_the_eager_tokens(target):
@@ -481,7 +508,8 @@ def test_interactive_chat_streams_replies_and_keeps_the_conversation(
     capsys, monkeypatch, checkpoint, llama2_tokenizer_path
 ):
     """--interactive wraps each message in the chat template, streams exactly the greedy reply, and the
-    second reply is generated from the whole conversation (turn 1 + reply + end of turn + turn 2)."""
+    second reply is generated from the whole conversation (turn 1 + reply + end of turn + turn 2), of which the
+    cache already holds turn 1 and the reply."""
     from tokenizer import get_tokenizer
 
     answers = iter(["Tell me a story", "Another one"])
@@ -493,16 +521,19 @@ def test_interactive_chat_streams_replies_and_keeps_the_conversation(
             raise EOFError from None
 
     monkeypatch.setattr("builtins.input", fake_input)
+    cached = []
+    monkeypatch.setattr(generate, "generate", lambda *a, **kw: cached.append(kw["cached"]) or gen(*a, **kw))
     generate.main(["--checkpoint_path", str(checkpoint), "--tokenizer_path", str(llama2_tokenizer_path)]
                   + ["--interactive"]
                   + ["--temperature", "0", "--max_new_tokens", "6"])  # fmt: skip
     streamed = capsys.readouterr().out.split("\n")[1:3]  # the two reply lines, after the model-load line
     tok = get_tokenizer(llama2_tokenizer_path)
     model = generate.load_model(checkpoint, "cpu", torch.float32)
-    history = []
+    history, fed = [], 0
     for message, line in zip(["Tell me a story", "Another one"], streamed, strict=True):
         prompt = torch.tensor(history + tok.encode_chat(message, first_turn=not history), dtype=torch.int)
         y, _ = gen(model, prompt, 6, temperature=0, stop_ids=tok.stop_ids())
         reply = [t for t in y[0, prompt.numel() :].tolist() if t not in tok.stop_ids()]
         assert line == tok.decode(reply) and reply
-        history = prompt.tolist() + reply + tok.end_of_turn()
+        assert cached[len(history) > 0] == fed  # the earlier turns, but for the last token sampled
+        history, fed = prompt.tolist() + reply + tok.end_of_turn(), y.shape[1] - 1
