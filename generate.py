@@ -282,8 +282,7 @@ def generate(
         raise ValueError("speculate='draft' needs a draft_model")
     if cached and (batch_size != 1 or draft_model is not None or not 0 < cached < T):
         raise ValueError(f"cached={cached}: needs one row, no draft model, and at least one new prompt token")
-    extra = speculate_k + 1 if speculate else 0  # verification writes up to k+1 positions past the end
-    max_seq_length = min(T + max_new_tokens + extra, model.config.block_size)
+    max_seq_length = cache_length(T, max_new_tokens, speculate, speculate_k, model.config.block_size)
     if T + max_new_tokens > model.config.block_size:
         raise ValueError(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) "
@@ -367,6 +366,12 @@ def generate(
             break
     stats["accept_counts"] = accept_counts
     return seq[:, : T + n], stats
+
+
+def cache_length(T: int, max_new_tokens: int, speculate: Optional[str], speculate_k: int, block_size: int) -> int:
+    """The KV-cache positions that generating max_new_tokens after T prompt tokens writes, within the context; a
+    speculative verification writes up to k + 1 past the end."""
+    return min(T + max_new_tokens + (speculate_k + 1 if speculate else 0), block_size)
 
 
 def _now(device: torch.device) -> float:
@@ -1027,14 +1032,12 @@ def interactive_loop(model, tokenizer, args, steps, draft, device):
                 "try a shorter one)"
             )
             continue
-        need = min(
-            len(ids) + args.max_new_tokens + (args.speculate_k + 1 if args.speculate else 0), model.config.block_size
-        )
+        need = cache_length(len(ids), args.max_new_tokens, args.speculate, args.speculate_k, model.config.block_size)
         if model.max_seq_length < need:  # a new, empty cache, twice as long: few of them (and recompiles) in a chat
             model.setup_caches(1, min(model.config.block_size, max(need, 2 * model.max_seq_length)))
             in_cache = []
-        reuse = draft is None and args.batch_size == 1  # a draft model's cache is not kept in step
-        cached = min(shared_prefix(in_cache, ids), len(ids) - 1) if reuse else 0
+        # a draft model's cache is not kept in step (and check_args keeps a chat to one row)
+        cached = min(shared_prefix(in_cache, ids), len(ids) - 1) if draft is None else 0
         prompt = torch.tensor(ids, dtype=torch.int, device=device)
         stream = TextStream(tokenizer, stop_ids, args.stop or ())
         try:
@@ -1139,16 +1142,15 @@ def run(args, rank):
         prompts = [p.to(device) for p in prompt]
         return run_prompt_file(model, draft, tokenizer, texts, prompts, args, steps, stop_ids, device)
     prompt = prompt.to(device)
-    compiling = args.compile or args.compile_prefill
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     rows = []
-    warm_up_s = 0.0
-    for i in range(-warm_up_runs(args, device), args.num_samples):  # negative samples warm up, not counted
+    warm_up(args, device, lambda: run_sample(model, prompt, args, steps, stop_ids, draft, None, device, False)[1])
+    for i in range(args.num_samples):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         stream = None
-        if tokenizer is not None and (args.stream or args.stop) and i >= 0:
+        if tokenizer is not None and (args.stream or args.stop):
             stream = (
                 TextStream(tokenizer, stop_ids or (), args.stop or (), echo=args.stream)
                 if args.batch_size == 1
@@ -1158,12 +1160,6 @@ def run(args, rank):
                 print(args.prompt, end="", flush=True)
         last = args.profile is not None and i == args.num_samples - 1
         y, stats = run_sample(model, prompt, args, steps, stop_ids, draft, stream, device, profile=last)
-        if i < 0:
-            warm_up_s += stats["total"]
-            if i == -1:
-                report_warm_up(warm_up_s, compiling)
-                save_compile_cache(args.compile_cache)
-            continue
         if tokenizer is not None:
             texts = completions(tokenizer, y, prompt.numel(), stats["start"], stop_ids, args.stop)
             shown = tokenizer.decode(prompt.tolist()) if args.prompt.isdigit() else args.prompt
@@ -1183,20 +1179,16 @@ def run(args, rank):
 def run_prompt_file(model, draft, tokenizer, texts: list[str], prompts: list[Tensor], args, steps, stop_ids, device):
     """Each prompt of --prompt_file once, --batch_size at a time (the longest first: rows of one batch need less
     padding); the completions printed and written in the file's order."""
-    B, compiling = args.batch_size, args.compile or args.compile_prefill
+    B = args.batch_size
     order = sorted(range(len(prompts)), key=lambda i: -prompts[i].numel())
-    extra = args.speculate_k + 1 if args.speculate else 0
-    model.setup_caches(B, prompts[order[0]].numel() + args.max_new_tokens + extra)  # one compiled step for all
+    longest = cache_length(prompts[order[0]].numel(), args.max_new_tokens, args.speculate, args.speculate_k,
+                           model.config.block_size)  # fmt: skip
+    model.setup_caches(B, longest)  # one compiled step for all
     bytes_per_token = weight_bytes_per_token(model)
     bandwidth = measure_read_bandwidth(device) if device.type == "cuda" else None
     batches = [order[i : i + B] for i in range(0, len(order), B)]
     full = [[prompts[i] for i in b] + [prompts[b[-1]]] * (B - len(b)) for b in batches]  # one compiled batch size
-    if warm_up_runs(args, device):
-        warm_up_s = 0.0
-        for _ in range(warm_up_runs(args, device)):
-            warm_up_s += run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)[1]["total"]
-        report_warm_up(warm_up_s, compiling)
-        save_compile_cache(args.compile_cache)
+    warm_up(args, device, lambda: run_sample(model, full[0], args, steps, stop_ids, draft, None, device, False)[1])
     results, rows = [""] * len(prompts), []
     for n, batch in enumerate(batches):
         stops = RowStops(tokenizer, B, stop_ids or (), args.stop) if args.stop else None
@@ -1246,20 +1238,20 @@ def write_jsonl(path: Path, prompts: list[str], completions: list[str]) -> None:
     quantize.save_atomic(lines.encode(), path)
 
 
-def warm_up_runs(args, device: torch.device) -> int:
-    """Samples run before the measured ones, so that compiling and first-run costs (library handles) stay out of the
-    figures: two with CUDA graphs, which record on a step's second call (prefill is called once per sample)."""
-    if device.type == "cuda":
-        return 2 if args.compile else 1
-    return 1 if args.compile or args.compile_prefill else 0
-
-
-def report_warm_up(seconds: float, compiling: bool) -> None:
-    print(
-        f"Compilation and warm-up: {seconds:.2f} s ({compile_cache_summary()})"
-        if compiling
-        else f"Warm-up: {seconds:.2f} s"
-    )
+def warm_up(args, device: torch.device, sample_once: Callable[[], dict]) -> None:
+    """Run a sample (sample_once returns its stats) before the measured ones, so that compiling and first-run costs
+    (library handles) stay out of the figures: twice with CUDA graphs, which record on a step's second call (prefill
+    is called once per sample). Prints the time and saves the compiled artifacts."""
+    compiling = args.compile or args.compile_prefill
+    runs = (2 if args.compile else 1) if device.type == "cuda" else int(compiling)
+    if runs:
+        seconds = sum(sample_once()["total"] for _ in range(runs))
+        print(
+            f"Compilation and warm-up: {seconds:.2f} s ({compile_cache_summary()})"
+            if compiling
+            else f"Warm-up: {seconds:.2f} s"
+        )
+        save_compile_cache(args.compile_cache)
 
 
 def compile_cache_summary() -> str:
