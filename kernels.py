@@ -82,6 +82,25 @@ if triton is not None:
         return (u ^ 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0  # 2**23 + 128
 
     @triton.jit
+    def int4_scale_zero(sz):
+        """An int4 group's (scale, zero) as float32, from their bf16 pair read as one int32: a bf16 is the high half
+        of its float32."""
+        return (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def int4_code(w, i: tl.constexpr):
+        """Code i of each int32 word of pack_int4_gemv's layout (bits int4_gemv_shift(i); code 7 wraps round)."""
+        if i == 7:
+            return ((w >> 31) & 1) | ((w & 7) << 1)
+        return (w >> (4 * i + 3)) & 15
+
+    @triton.jit
+    def int4_weight(w, i: tl.constexpr, s, z):
+        """The float32 weight (q - 8) * s + z of code i of each word; q - 8 exact, from the bits of 2**23 + q."""
+        q = (int4_code(w, i) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+        return q * s + z
+
+    @triton.jit
     def load_x(x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
         """x[m, k] as float32; with NORM times the norm weight g[k], and x^2 summed into sq for the row's 1/rms."""
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
@@ -193,8 +212,7 @@ if triton is not None:
     def int4_chunk_sum(part, sz, sum_hi, sum_lo):
         """A chunk's contribution to each row from its part and the chunk's sums of x over the hi and lo codes:
         sum x * q = 16 sum(part) - 16 sum_hi - 256 sum_lo, and w = (q - 8) * scale + zero (sz: bf16 pair as int32)."""
-        s = (sz << 16).to(tl.float32, bitcast=True)  # a bf16 is the high half of its float32
-        z = (sz & -65536).to(tl.float32, bitcast=True)
+        s, z = int4_scale_zero(sz)
         return s * (16.0 * tl.sum(part, axis=2) - (24.0 * sum_hi + 264.0 * sum_lo)) + z * (sum_hi + sum_lo)
 
     @triton.jit
@@ -372,13 +390,6 @@ def decode_gemv(
 if triton is not None:
 
     @triton.jit
-    def int4_code(w, i: tl.constexpr):
-        """Code i of each int32 word of pack_int4_gemv's layout (bits int4_gemv_shift(i); code 7 wraps round)."""
-        if i == 7:
-            return ((w >> 31) & 1) | ((w & 7) << 1)
-        return (w >> (4 * i + 3)) & 15
-
-    @triton.jit
     def dequant_matmul_kernel(
         x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SZ_STRIDE, GROUP: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
@@ -403,13 +414,12 @@ if triton is not None:
                 w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + word[None, :], mask=n_ok & live, other=0)
                 sz_off = (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None]
                 sz = tl.load(s_ptr + sz_off, mask=n_ok & live, other=0)  # 0: q * 0 + 0 where masked
-                s, z = (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+                s, z = int4_scale_zero(sz)
                 k = 32 * (word // 4) + word % 4  # k of each word's code 0
                 for i in tl.static_range(8):
-                    q = (int4_code(w, i) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8, exact
                     x_off = offs_m[None, :] * K + (k + 4 * i)[:, None]  # [BLOCK_K / 8, BLOCK_M]
                     xt = tl.load(x_ptr + x_off, mask=m_ok & (word[:, None] < K // 8), other=0.0)
-                    acc = tl.dot((q * s + z).to(x_ptr.dtype.element_ty), xt, acc)
+                    acc = tl.dot(int4_weight(w, i, s, z).to(x_ptr.dtype.element_ty), xt, acc)
         else:
             offs_k = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
@@ -478,12 +488,11 @@ if triton is not None:
         ok = (offs_n[:, None] < N) & (word[None, :] < K // 8)
         w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=ok, other=0)
         sz = tl.load(s_ptr + (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None], mask=ok, other=0)
-        s, z = (sz << 16).to(tl.float32, bitcast=True), (sz & -65536).to(tl.float32, bitcast=True)
+        s, z = int4_scale_zero(sz)
         k = 32 * (word // 4) + word % 4  # k of each word's code 0
         for i in tl.static_range(8):
-            q = (int4_code(w, i) | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0  # q - 8, exact
             out = out_ptr + offs_n[:, None] * K + (k + 4 * i)[None, :]
-            tl.store(out, (q * s + z).to(out_ptr.dtype.element_ty), mask=ok)
+            tl.store(out, int4_weight(w, i, s, z).to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def dequantize_int4_gemv(words: Tensor, scales: Tensor, groupsize: int, dtype: torch.dtype) -> Tensor:
