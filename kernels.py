@@ -147,6 +147,16 @@ if triton is not None:
             y += tl.load(r_ptr + m * N + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)
         tl.store(y_ptr + m * N + offs_n, y.to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
+    def tiles_within(configs, nargs, **kwargs):
+        """Autotune only tiles no larger than the matrix (a wider tile masks the same work): a small model, such
+        as the tests' demo model, then compiles a few configs rather than dozens."""
+        n, k = triton.next_power_of_2(nargs["N"]), triton.next_power_of_2(nargs["K"])
+        small = min(c.kwargs["BLOCK_N"] for c in configs), min(c.kwargs["BLOCK_K"] for c in configs)
+        fit = [
+            c for c in configs if c.kwargs["BLOCK_N"] <= max(n, small[0]) and c.kwargs["BLOCK_K"] <= max(k, small[1])
+        ]
+        return fit or configs
+
     _c8 = [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w)
         for n in (2, 4, 8, 16, 32)
@@ -154,7 +164,9 @@ if triton is not None:
         for w in (4, 8)
     ]
     int8_gemv_tuned = triton.autotune(
-        [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384], key=["N", "K", "NORM"]
+        [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 16384],
+        key=["N", "K", "NORM"],
+        prune_configs_by={"early_config_prune": tiles_within},
     )(int8_gemv_kernel)
 
     @triton.jit
@@ -196,7 +208,9 @@ if triton is not None:
         tl.store(y_ptr + m * N + offs_n, (a * tl.sigmoid(a) * b).to(y_ptr.dtype.element_ty), mask=offs_n < N)
 
     _cg = [c for c in _c8 if c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= 8192]  # two accumulators in registers
-    int8_gated_gemv_tuned = triton.autotune(_cg, key=["N", "K", "NORM"])(int8_gated_gemv_kernel)
+    int8_gated_gemv_tuned = triton.autotune(
+        _cg, key=["N", "K", "NORM"], prune_configs_by={"early_config_prune": tiles_within}
+    )(int8_gated_gemv_kernel)
 
     @triton.jit
     def int4_pair_dot(part, w, r: tl.constexpr, x_hi, x_lo16, EXP):
@@ -440,7 +454,9 @@ if triton is not None:
         for n in (16, 32, 64)
         for k in (128, 256, 512)
     ]
-    dequant_matmul_tuned = triton.autotune(_cm, key=["M", "N", "K"])(dequant_matmul_kernel)
+    dequant_matmul_tuned = triton.autotune(
+        _cm, key=["M", "N", "K"], prune_configs_by={"early_config_prune": tiles_within}
+    )(dequant_matmul_kernel)
 
 
 def dequant_matmul(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groupsize: int = 0, pdl: bool = False,
