@@ -20,15 +20,15 @@ NOT_RUN = {  # the one-line reason each is not run here
     "pip install -r requirements.txt -r requirements-test.txt": "installs packages",
     "pip install gguf protobuf": "installs packages",
     "python -m pytest tests": "this suite",
-    "python -m pytest -m gpu -n 4": "this suite",
+    "python -m pytest -m gpu -n 16": "this suite",
     "pip install starlette uvicorn": "installs packages",
     "python serve.py --checkpoint_path checkpoints/.../model.pth --compile --max_batch_size 8": (
         "a server that runs until stopped (tests/test_serve.py starts one on the demo model)"
     ),
     'curl http://127.0.0.1:8000/v1/chat/completions -d \'{"messages": [{"role": "user", "content": "Hi"}], '
     '"max_tokens": 64}\'': "needs the server above",
-    "python generate.py --compile --random_init 7B --prompt 16 --max_new_tokens 200 --ignore_eos --num_samples 3": (
-        "the benchmark of a 7B shape (the gpu suite runs the same flags on the demo model)"
+    "python bench.py --random_init 7B --precisions bf16 int8 int4 --batch_sizes 1 8 64 --num_samples 2": (
+        "the benchmark of a 7B shape (tests/test_bench.py runs bench.py on the demo model)"
     ),
 }
 HF_REPO = "checkpoints/meta-llama/Llama-2-7b-chat-hf"
