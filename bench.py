@@ -224,7 +224,28 @@ def parse_args(argv=None):
         "--plot", type=Path, default=None, help="also draw tokens/s per setting to this PNG (needs matplotlib)"
     )
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="further arguments passed to generate.py")
-    return p.parse_args(argv)
+    a = p.parse_args(argv)
+    check_context(a)
+    return a
+
+
+def check_context(a) -> None:
+    """A named config's prompts must fit its context with the new tokens: say so before the first process starts
+    rather than as a row of errors after minutes of others."""
+    if not a.random_init:
+        return  # a checkpoint's context is in its config.json: generate.py checks it and the row says why
+    from model import ModelArgs
+
+    try:
+        context = ModelArgs.from_name(a.random_init).block_size
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    longest = max(a.prompt_lengths) + a.max_new_tokens
+    if longest > context:
+        raise SystemExit(
+            f"error: --prompt_lengths {max(a.prompt_lengths)} + --max_new_tokens {a.max_new_tokens} = {longest} "
+            f"exceeds {a.random_init}'s context of {context}: use a longer-context config (Llama-3.1-8B: 131072)"
+        )
 
 
 def main(argv=None):

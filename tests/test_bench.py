@@ -85,3 +85,13 @@ def test_plots_over_batch_sizes_and_prompt_lengths_draw_one_line_per_format(tmp_
     bench.plot(rows, tmp_path / "prompt.png")
     assert plt.gcf().axes[0].get_ylabel() == "time to first token, ms"
     assert (tmp_path / "prompt.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_prompt_longer_than_the_named_configs_context_is_refused_before_any_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--random_init", "7B", "--prompt_lengths", "16", "2048"])
+    assert "2248 exceeds 7B's context of 2048" in str(e.value) and "Llama-3.1-8B" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        bench.parse_args(["--random_init", "no-such-model"])
+    assert str(e.value).startswith("error: unknown model name")
+    assert bench.parse_args(["--random_init", "Llama-3.1-8B", "--prompt_lengths", "8192"]).prompt_lengths == [8192]
