@@ -98,6 +98,9 @@ def prefill(
 
 
 PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile: one CUDA graph each
+PREFILL_GRAPH_ROWS = (
+    1024  # rows (batch x bucket) up to which launching each kernel from Python costs more than the math
+)
 
 
 def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
@@ -112,14 +115,14 @@ def bucketed_prefill(padded_fn, fallback_fn):
     """A prefill that runs up to PREFILL_BUCKETS[-1] prompt positions (a short prompt, the last chunk of a long one,
     a chat's new turn), padded to the next bucket, in padded_fn: compiled with CUDA graphs, it replays them in one
     launch where a prefill of dynamic shape launches every kernel from Python, which costs more than the weights'
-    read for a few positions. More positions, and batches of more rows than dequant_matmul takes (prefill_padded is
-    then compute-bound), use fallback_fn."""
+    read for a few positions, and for a batch of short prompts. More positions, and more than PREFILL_GRAPH_ROWS rows
+    (then the math outweighs the launches), use fallback_fn."""
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs):
         B, S = x.shape
         n = next((n for n in PREFILL_BUCKETS if n >= S), 0)
         end = int(input_pos[0]) + n if n else 0  # the padding's positions must lie inside the cache
-        if not n or B * n > kernels.MATMUL_MAX_ROWS or end > model.max_seq_length:
+        if not n or B * n > PREFILL_GRAPH_ROWS or end > model.max_seq_length:
             return fallback_fn(model, x, input_pos, continued=continued, **sampling_kwargs)
         last, pos = torch.tensor([S - 1], device=x.device), torch.arange(end - n, end, device=x.device)
         return padded_fn(model, F.pad(x, (0, n - S)), pos, last, **sampling_kwargs)
