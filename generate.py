@@ -98,9 +98,7 @@ def prefill(
 
 
 PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile: one CUDA graph each
-PREFILL_GRAPH_ROWS = (
-    1024  # rows (batch x bucket) up to which launching each kernel from Python costs more than the math
-)
+PREFILL_GRAPH_ROWS = 1024  # rows (batch x bucket) up to which a padded step's launches cost more than its math
 
 
 def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
