@@ -106,8 +106,10 @@ class Engine:
 
     def serve_forever(self, warm_up: bool) -> None:
         if warm_up:
+            t0 = time.perf_counter()
             self.warm_up()
             self.counts = dict.fromkeys(self.counts, 0)  # /health counts requests, not the warm-up
+            print(f"Compiled every batch size and prompt bucket in {time.perf_counter() - t0:.1f} s: ready", flush=True)
         self.ready = True
         while True:
             jobs = self.next_round()
@@ -432,8 +434,9 @@ def main(argv=None):
     warm_up = args.compile or args.compile_prefill
     threading.Thread(target=engine.serve_forever, args=(warm_up,), daemon=True).start()
     name = args.model_name or (args.random_init or args.checkpoint_path.parent.name)
+    note = "; compiling first: /health answers 503 until it prints ready" if warm_up else ""
     print(f"Serving {name} on http://{args.host}:{args.port}/v1 (context {context}, batches of up to "
-          f"{args.max_batch_size})", flush=True)  # fmt: skip
+          f"{args.max_batch_size}){note}", flush=True)  # fmt: skip
     uvicorn.run(make_app(engine, tokenizer, name), host=args.host, port=args.port, log_level="warning")
 
 
