@@ -1005,6 +1005,21 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def warm_up_chat(model, args, steps, draft, device) -> None:
+    """Compile before the first prompt rather than inside the first replies: the decode step at the cache length the
+    first turns use, and the graph of each prompt bucket (a turn's new tokens may fall in any), twice each (a CUDA
+    graph records on a step's second call)."""
+    t0 = time.perf_counter()
+    length = cache_length(PREFILL_BUCKETS[-1], args.max_new_tokens, args.speculate, args.speculate_k,
+                          model.config.block_size)  # fmt: skip
+    for m in (model, draft) if draft is not None else (model,):
+        m.setup_caches(1, length)
+    few = argparse.Namespace(**{**vars(args), "max_new_tokens": 4, "batch_size": 1})
+    for n in [n for n in PREFILL_BUCKETS if n + 4 <= length] * 2:
+        run_sample(model, torch.ones(n, dtype=torch.int, device=device), few, steps, [], draft, None, device, False)
+    print(f"Compiled for the chat in {time.perf_counter() - t0:.1f} s")
+
+
 def interactive_loop(model, tokenizer, args, steps, draft, device):
     """A multi-turn chat in the model's chat template: the whole conversation is each reply's prompt, of which only
     what the KV cache does not hold yet is prefilled; it restarts when it outgrows the context. Ctrl-C stops the
@@ -1013,6 +1028,8 @@ def interactive_loop(model, tokenizer, args, steps, draft, device):
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
     in_cache: list[int] = []  # the tokens whose keys and values the cache holds, from position 0
+    if args.compile and device.type == "cuda":
+        warm_up_chat(model, args, steps, draft, device)
     while True:
         try:
             message = input("\nWhat is your prompt? ")

@@ -194,6 +194,28 @@ def test_a_prompt_that_extends_the_cached_one_prefills_only_its_new_tokens(targe
         gen(target, [second, second], 8, temperature=0, cached=4)
 
 
+def test_a_compiled_chat_warms_every_prompt_bucket_at_the_cache_its_first_turns_use(target, draft):
+    """warm_up_chat (before the first prompt, under --compile on CUDA): each bucket's prompt twice (a CUDA graph
+    records on a step's second call), target and draft caches at one length, which a first turn of up to 64 tokens
+    then reuses: the first reply compiles nothing again."""
+    lengths = []
+
+    def recording(model, x, input_pos, **kwargs):
+        lengths.extend([x.shape[1]] if model is target else [])
+        return generate.prefill(model, x, input_pos, **kwargs)
+
+    steps = {"prefill_fn": recording, "decode_fn": generate.decode_one_token, "verify_fn": generate.model_forward}
+    args = generate.parse_args(["--max_new_tokens", "100", "--temperature", "0"])
+    args.speculate, args.speculate_k = "draft", 4
+    target.max_seq_length = draft.max_seq_length = -1
+    generate.warm_up_chat(target, args, steps, draft, torch.device("cpu"))
+    assert lengths == [16, 32, 64] * 2
+    assert target.max_seq_length == draft.max_seq_length == 192  # 64 + 100 + k + 1, in rows of 64
+    kv = target.layers[0].attention.kv_cache.kv
+    gen(target, prompt_ids(40), 100, draft_model=draft, speculate="draft", speculate_k=4, temperature=0, **steps)
+    assert target.layers[0].attention.kv_cache.kv is kv and draft.max_seq_length == 192
+
+
 def test_a_compiled_prefill_in_chunks_gives_the_eager_tokens(target):
     """--compile_prefill's dynamic-shape graph over the first chunk and the later ones (they attend through the
     cache's mask), against the eager prompt at once."""

@@ -113,6 +113,23 @@ def test_compiled_decode_and_prefill_in_float32_give_the_reference_story():
     assert greedy_text(ROOT / "models/stories260K/model.pth", "cuda", *flags, new_tokens=64).startswith(STORY)
 
 
+def test_a_compiled_chat_compiles_before_the_first_prompt_and_replies_as_eager():
+    """--interactive --compile: the chat compiles before it asks for the first prompt, and its greedy float32 replies
+    over two turns are the eager chat's (the warm-up's dummy prompts leave nothing behind in the cache)."""
+
+    def chat(*flags: str) -> str:
+        args = ["generate.py", "--interactive", "--device", "cuda", "--precision", "fp32", "--temperature", "0",
+                "--max_new_tokens", "40", *flags]  # fmt: skip
+        p = subprocess.run([sys.executable, *args], cwd=ROOT, input="Once upon a time\nThe end\n", capture_output=True,
+                           text=True, timeout=600)  # fmt: skip
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p.stdout
+
+    compiled, eager = chat("--compile").split("What is your prompt?"), chat().split("What is your prompt?")
+    assert "Compiled for the chat" in compiled[0] and len(compiled) == 4  # two replies, then the EOF
+    assert compiled[1:] == eager[1:] and len(eager[1].strip()) > 40
+
+
 @pytest.mark.parametrize("mode", ["bf16", "int8", "int4"])
 @torch.no_grad()
 def test_compiled_default_decode_steps_match_eager_teacher_forced(stories, mode):
