@@ -101,6 +101,12 @@ PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile:
 PREFILL_GRAPH_ROWS = 1024  # rows (batch x bucket) up to which a padded step's launches cost more than its math
 
 
+def warm_up_prompt_lengths(context: int, new_tokens: int) -> list[int]:
+    """Prompt lengths whose runs compile each padded prefill graph that fits context with new_tokens to decode: every
+    bucket twice, as a CUDA graph records on a step's second call."""
+    return [n for n in PREFILL_BUCKETS if n + new_tokens <= context] * 2
+
+
 def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
     """Prompt positions padded on the right, x [B, S] at consecutive input_pos [S], run as a decode step of S
     positions (causal mask over the cache); returns what prefill does, from x's position last [1]. A padding position
@@ -289,9 +295,8 @@ def generate(
             f"prompt ({T} tokens) + max_new_tokens ({max_new_tokens}) "
             f"exceeds the context length {model.config.block_size}"
         )
-    if model.max_seq_length < max_seq_length or model.max_batch_size < batch_size:
-        cached = 0  # setup_caches allocates a new, empty cache
-    model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length)
+    if model.setup_caches(max_batch_size=batch_size, max_seq_length=max_seq_length):
+        cached = 0  # a new, empty cache
     if draft_model is not None:
         draft_model.setup_caches(max_batch_size=1, max_seq_length=max_seq_length)
     stop = torch.tensor(stop_ids, device=device) if stop_ids else None
@@ -1007,15 +1012,14 @@ def shared_prefix(a: list[int], b: list[int]) -> int:
 
 def warm_up_chat(model, args, steps, draft, device) -> None:
     """Compile before the first prompt rather than inside the first replies: the decode step at the cache length the
-    first turns use, and the graph of each prompt bucket (a turn's new tokens may fall in any), twice each (a CUDA
-    graph records on a step's second call)."""
+    first turns use, and the graph of each prompt bucket (a turn's new tokens may fall in any)."""
     t0 = time.perf_counter()
     length = cache_length(PREFILL_BUCKETS[-1], args.max_new_tokens, args.speculate, args.speculate_k,
                           model.config.block_size)  # fmt: skip
     for m in (model, draft) if draft is not None else (model,):
         m.setup_caches(1, length)
-    few = argparse.Namespace(**{**vars(args), "max_new_tokens": 4, "batch_size": 1})
-    for n in [n for n in PREFILL_BUCKETS if n + 4 <= length] * 2:
+    few = argparse.Namespace(**{**vars(args), "max_new_tokens": 4})
+    for n in warm_up_prompt_lengths(length, few.max_new_tokens):
         run_sample(model, torch.ones(n, dtype=torch.int, device=device), few, steps, [], draft, None, device, False)
     print(f"Compiled for the chat in {time.perf_counter() - t0:.1f} s")
 

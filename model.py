@@ -182,12 +182,13 @@ class Transformer(nn.Module):
     def from_name(cls, name: str) -> "Transformer":
         return cls(ModelArgs.from_name(name))
 
-    def setup_caches(self, max_batch_size: int, max_seq_length: int):
-        """Allocate the KV caches, RoPE table and causal mask on the model's device and dtype."""
+    def setup_caches(self, max_batch_size: int, max_seq_length: int) -> bool:
+        """Allocate the KV caches, RoPE table and causal mask on the model's device and dtype, unless those there are
+        large enough; returns whether it allocated (new caches hold nothing)."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"max_seq_length={max_seq_length} exceeds the model's block_size={self.config.block_size}")
         if self.max_seq_length >= max_seq_length and self.max_batch_size >= max_batch_size:
-            return
+            return False
         # aligned rows; nearby lengths share one compiled decode graph
         max_seq_length = find_multiple(max_seq_length, 64)
         max_seq_length = min(max_seq_length, self.config.block_size)
@@ -205,6 +206,7 @@ class Transformer(nn.Module):
         self.register_buffer("causal_mask", mask, persistent=False)
         self.register_buffer("row_start", torch.zeros(max_batch_size, dtype=torch.int, device=device), persistent=False)
         self.left_padded = False
+        return True
 
     def set_row_starts(self, start: Optional[Tensor]) -> None:
         """Prompts of different lengths in one batch, padded on the left to a common length: row b's tokens start

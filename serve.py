@@ -96,11 +96,11 @@ class Engine:
             self.cond.notify()
 
     def warm_up(self) -> None:
-        """Run each batch size a round can have (powers of two, and max_batch) with a prompt of each prefill bucket,
-        twice (a CUDA graph is recorded on a step's second call), so that compiling is done before the first request."""
+        """Run each batch size a round can have (powers of two, and max_batch) with prompts of each prefill bucket
+        (generate.warm_up_prompt_lengths), so that compiling is done before the first request."""
         loop = asyncio.new_event_loop()  # never run: the warm-up's events are dropped
         for size in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
-            for n in [n for n in generate.PREFILL_BUCKETS if n + 8 <= self.context] * 2:
+            for n in generate.warm_up_prompt_lengths(self.context, 8):
                 self.generate([Job([1] * n, 8, 1.0, 1.0, [], None, [], loop, asyncio.Queue()) for _ in range(size)])
         loop.close()
 
