@@ -439,8 +439,7 @@ if triton is not None:
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
                 w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok & (k[None, :] < K), other=0)
-                if w_ptr.dtype.element_ty == tl.int8:
-                    w = int8_to_float(w)  # exact in bf16 too
+                # int8 by a plain (exact) conversion: the GEMVs' int8_to_float measured slower in this loop
                 xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
                 acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
             if w_ptr.dtype.element_ty == tl.int8:
@@ -449,10 +448,11 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=n_ok & m_ok)
 
+    # 4 warps on a 16- or 32-wide tile of a few rows also split the rows, each warp converting its own copy of the
+    # weights: a warp per 16 weight rows converts each once
     _cm = [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=4)
-        for n in (16, 32, 64)
-        for k in (128, 256, 512)
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=4)
+        for n, k, w in [(n, k, 4) for n in (16, 32, 64) for k in (128, 256, 512)] + [(16, 256, 1), (32, 256, 2)]
     ]
     dequant_matmul_tuned = triton.autotune(
         _cm, key=["M", "N", "K"], prune_configs_by={"early_config_prune": tiles_within}
@@ -498,17 +498,25 @@ if triton is not None:
         GROUP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_W: tl.constexpr,
     ):  # fmt: skip
         """out [N, K] = (q - 8) * scale + zero from the GEMV's layout (int32 words [N, K/8], rows W_STRIDE apart; scales
-        as dequant_matmul reads them): each word read once and each weight written once."""
+        as dequant_matmul reads them): each word read once; the 8 codes of each word are put back in k order in
+        registers, so each thread stores 16 contiguous bytes at a time rather than runs of 4 weights 64 bytes apart."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         word = tl.program_id(1) * BLOCK_W + tl.arange(0, BLOCK_W)
         ok = (offs_n[:, None] < N) & (word[None, :] < K // 8)
-        w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=ok, other=0)
+        w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=ok, other=0)  # [BLOCK_N, BLOCK_W]
         sz = tl.load(s_ptr + (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None], mask=ok, other=0)
         s, z = int4_scale_zero(sz)
-        k = 32 * (word // 4) + word % 4  # k of each word's code 0
-        for i in tl.static_range(8):
-            out = out_ptr + offs_n[:, None] * K + (k + 4 * i)[None, :]
-            tl.store(out, int4_weight(w, i, s, z).to(out_ptr.dtype.element_ty), mask=ok)
+        dt = out_ptr.dtype.element_ty  # code i of each word, named one by one: a kernel holds no lists
+        d0, d1, d2, d3 = (int4_weight(w, 0, s, z).to(dt), int4_weight(w, 1, s, z).to(dt),
+                          int4_weight(w, 2, s, z).to(dt), int4_weight(w, 3, s, z).to(dt))  # fmt: skip
+        d4, d5, d6, d7 = (int4_weight(w, 4, s, z).to(dt), int4_weight(w, 5, s, z).to(dt),
+                          int4_weight(w, 6, s, z).to(dt), int4_weight(w, 7, s, z).to(dt))  # fmt: skip
+        # tl.join stacks on a new last axis: nested as below, its 8 entries are codes 0 to 7
+        codes = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_W // 4, 4, 8])  # word = 4 c + j, code i: k = 32 c + 4 i + j
+        tile = tl.reshape(tl.permute(codes, [0, 1, 3, 2]), [BLOCK_N, BLOCK_W * 8])  # [BLOCK_N, BLOCK_W * 8] in k order
+        k = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
+        tl.store(out_ptr + offs_n[:, None] * K + k[None, :], tile, mask=(offs_n[:, None] < N) & (k[None, :] < K))
 
 
 def dequantize_int4_gemv(words: Tensor, scales: Tensor, groupsize: int, dtype: torch.dtype) -> Tensor:
