@@ -98,7 +98,9 @@ def prefill(
 
 
 PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile: one CUDA graph each
-PREFILL_GRAPH_ROWS = 1024  # rows (batch x bucket) up to which a padded step's launches cost more than its math
+# rows (batch x bucket) a padded step takes: dequant_matmul's. Graphs of more rows measured far slower than the
+# eager prefill (docs/dropped.md)
+PREFILL_GRAPH_ROWS = kernels.MATMUL_MAX_ROWS
 
 
 def warm_up_prompt_lengths(context: int, new_tokens: int) -> list[int]:
@@ -119,8 +121,8 @@ def bucketed_prefill(padded_fn, fallback_fn):
     """A prefill that runs up to PREFILL_BUCKETS[-1] prompt positions (a short prompt, the last chunk of a long one,
     a chat's new turn), padded to the next bucket, in padded_fn: compiled with CUDA graphs, it replays them in one
     launch where a prefill of dynamic shape launches every kernel from Python, which costs more than the weights'
-    read for a few positions, and for a batch of short prompts. More positions, and more than PREFILL_GRAPH_ROWS rows
-    (then the math outweighs the launches), use fallback_fn."""
+    read for a few positions, and for a small batch of short prompts. More positions, and more than PREFILL_GRAPH_ROWS
+    rows, use fallback_fn."""
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs):
         B, S = x.shape
