@@ -98,9 +98,6 @@ def prefill(
 
 
 PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile: one CUDA graph each
-# rows (batch x bucket) a padded step takes: dequant_matmul's. Graphs of more rows measured far slower than the
-# eager prefill (docs/dropped.md)
-PREFILL_GRAPH_ROWS = kernels.MATMUL_MAX_ROWS
 
 
 def warm_up_prompt_lengths(context: int, new_tokens: int) -> list[int]:
@@ -121,14 +118,14 @@ def bucketed_prefill(padded_fn, fallback_fn):
     """A prefill that runs up to PREFILL_BUCKETS[-1] prompt positions (a short prompt, the last chunk of a long one,
     a chat's new turn), padded to the next bucket, in padded_fn: compiled with CUDA graphs, it replays them in one
     launch where a prefill of dynamic shape launches every kernel from Python, which costs more than the weights'
-    read for a few positions, and for a small batch of short prompts. More positions, and more than PREFILL_GRAPH_ROWS
-    rows, use fallback_fn."""
+    read for a few positions, and for a small batch of short prompts. More positions, and batches of more rows than
+    dequant_matmul takes, use fallback_fn: graphs of more rows measured far slower than it (docs/dropped.md)."""
 
     def run(model: Transformer, x: Tensor, input_pos: Tensor, continued: bool = False, **sampling_kwargs):
         B, S = x.shape
         n = next((n for n in PREFILL_BUCKETS if n >= S), 0)
         end = int(input_pos[0]) + n if n else 0  # the padding's positions must lie inside the cache
-        if not n or B * n > PREFILL_GRAPH_ROWS or end > model.max_seq_length:
+        if not n or B * n > kernels.MATMUL_MAX_ROWS or end > model.max_seq_length:
             return fallback_fn(model, x, input_pos, continued=continued, **sampling_kwargs)
         last, pos = torch.tensor([S - 1], device=x.device), torch.arange(end - n, end, device=x.device)
         return padded_fn(model, F.pad(x, (0, n - S)), pos, last, **sampling_kwargs)

@@ -448,12 +448,14 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(y_ptr + offs_m[None, :] * N + offs_n[:, None], acc.to(y_ptr.dtype.element_ty), mask=n_ok & m_ok)
 
+    _cm = [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=4, num_stages=4)
+        for n in (16, 32, 64)
+        for k in (128, 256, 512)
+    ]
     # 4 warps on a 16- or 32-wide tile of a few rows also split the rows, each warp converting its own copy of the
     # weights: a warp per 16 weight rows converts each once
-    _cm = [
-        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=4)
-        for n, k, w in [(n, k, 4) for n in (16, 32, 64) for k in (128, 256, 512)] + [(16, 256, 1), (32, 256, 2)]
-    ]
+    _cm += [triton.Config({"BLOCK_N": n, "BLOCK_K": 256}, num_warps=n // 16, num_stages=4) for n in (16, 32)]
     dequant_matmul_tuned = triton.autotune(
         _cm, key=["M", "N", "K"], prune_configs_by={"early_config_prune": tiles_within}
     )(dequant_matmul_kernel)

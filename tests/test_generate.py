@@ -154,7 +154,7 @@ def test_short_prompts_padded_to_a_bucket_give_the_plain_prefills_tokens_and_cac
                                                                      (64, 64), (65, 0))]  # fmt: skip
     cases += [([prompt_ids(n, seed=n) for n in (3, 12, 9)], 0, [(3, 16)]), ([prompt_ids(40)], 20, [(1, 32)] * 2)]
     cases += [([prompt_ids(80)], 70, [(1, 16)])]  # a first chunk past the buckets, a last one in
-    cases += [([prompt_ids(n, seed=n) for n in (3, 17, 9)], 0, [])]  # 3 rows of 32: past PREFILL_GRAPH_ROWS
+    cases += [([prompt_ids(n, seed=n) for n in (3, 17, 9)], 0, [])]  # 3 rows of 32: past dequant_matmul's rows
     for prompts, chunk, expected in cases:
         T = max(p.numel() for p in prompts)
         target.max_seq_length = -1
