@@ -101,6 +101,19 @@ if triton is not None:
         return q * s + z
 
     @triton.jit
+    def int4_tile_in_k_order(w, s, z, dt: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """The weights [BLOCK_N, BLOCK_K] in dt of words w [BLOCK_N, BLOCK_K / 8] (one K block, scales s and zeros z
+        per word), in k order: each word's 8 codes are written one by one (a kernel holds no lists) and interleaved."""
+        d0, d1, d2, d3 = (int4_weight(w, 0, s, z).to(dt), int4_weight(w, 1, s, z).to(dt),
+                          int4_weight(w, 2, s, z).to(dt), int4_weight(w, 3, s, z).to(dt))  # fmt: skip
+        d4, d5, d6, d7 = (int4_weight(w, 4, s, z).to(dt), int4_weight(w, 5, s, z).to(dt),
+                          int4_weight(w, 6, s, z).to(dt), int4_weight(w, 7, s, z).to(dt))  # fmt: skip
+        # tl.join stacks on a new last axis: nested as below, its 8 entries are codes 0 to 7
+        codes = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
+        codes = tl.reshape(codes, [BLOCK_N, BLOCK_K // 32, 4, 8])  # word = 4 c + j, code i: k = 32 c + 4 i + j
+        return tl.reshape(tl.permute(codes, [0, 1, 3, 2]), [BLOCK_N, BLOCK_K])
+
+    @triton.jit
     def load_x(x_ptr, g_ptr, m, k, K, sq, NORM: tl.constexpr):
         """x[m, k] as float32; with NORM times the norm weight g[k], and x^2 summed into sq for the row's 1/rms."""
         x = tl.load(x_ptr + m * K + k, mask=k < K, other=0.0).to(tl.float32)
@@ -420,7 +433,8 @@ if triton is not None:
         acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()  # x is the previous kernel's output
-        if w_ptr.dtype.element_ty == tl.int32:  # int4: a word holds 8 codes, k = 32 chunk + 4 i + j
+        offs_k = tl.arange(0, BLOCK_K)
+        if w_ptr.dtype.element_ty == tl.int32:  # int4: a word holds 8 codes
             words = tl.arange(0, BLOCK_K // 8)
             for k0 in range(0, K, BLOCK_K):
                 word = k0 // 8 + words  # [BLOCK_K / 8]
@@ -429,13 +443,17 @@ if triton is not None:
                 sz_off = (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None]
                 sz = tl.load(s_ptr + sz_off, mask=n_ok & live, other=0)  # 0: q * 0 + 0 where masked
                 s, z = int4_scale_zero(sz)
-                k = 32 * (word // 4) + word % 4  # k of each word's code 0
-                for i in tl.static_range(8):
-                    x_off = offs_m[None, :] * K + (k + 4 * i)[:, None]  # [BLOCK_K / 8, BLOCK_M]
-                    xt = tl.load(x_ptr + x_off, mask=m_ok & (word[:, None] < K // 8), other=0.0)
-                    acc = tl.dot(int4_weight(w, i, s, z).to(x_ptr.dtype.element_ty), xt, acc)
+                if BLOCK_M >= 64:  # many rows: one dot; for a few its shuffle into k order costs more than 8 dots
+                    k = k0 + offs_k
+                    xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
+                    acc = tl.dot(int4_tile_in_k_order(w, s, z, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K), xt, acc)
+                else:  # a dot per code i, over the block's k = 32 c + 4 i + j
+                    k = 32 * (word // 4) + word % 4  # k of each word's code 0
+                    for i in tl.static_range(8):
+                        x_off = offs_m[None, :] * K + (k + 4 * i)[:, None]  # [BLOCK_K / 8, BLOCK_M]
+                        xt = tl.load(x_ptr + x_off, mask=m_ok & (word[:, None] < K // 8), other=0.0)
+                        acc = tl.dot(int4_weight(w, i, s, z).to(x_ptr.dtype.element_ty), xt, acc)
         else:
-            offs_k = tl.arange(0, BLOCK_K)
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
                 w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok & (k[None, :] < K), other=0)
@@ -508,15 +526,7 @@ if triton is not None:
         w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=ok, other=0)  # [BLOCK_N, BLOCK_W]
         sz = tl.load(s_ptr + (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None], mask=ok, other=0)
         s, z = int4_scale_zero(sz)
-        dt = out_ptr.dtype.element_ty  # code i of each word, named one by one: a kernel holds no lists
-        d0, d1, d2, d3 = (int4_weight(w, 0, s, z).to(dt), int4_weight(w, 1, s, z).to(dt),
-                          int4_weight(w, 2, s, z).to(dt), int4_weight(w, 3, s, z).to(dt))  # fmt: skip
-        d4, d5, d6, d7 = (int4_weight(w, 4, s, z).to(dt), int4_weight(w, 5, s, z).to(dt),
-                          int4_weight(w, 6, s, z).to(dt), int4_weight(w, 7, s, z).to(dt))  # fmt: skip
-        # tl.join stacks on a new last axis: nested as below, its 8 entries are codes 0 to 7
-        codes = tl.join(tl.join(tl.join(d0, d4), tl.join(d2, d6)), tl.join(tl.join(d1, d5), tl.join(d3, d7)))
-        codes = tl.reshape(codes, [BLOCK_N, BLOCK_W // 4, 4, 8])  # word = 4 c + j, code i: k = 32 c + 4 i + j
-        tile = tl.reshape(tl.permute(codes, [0, 1, 3, 2]), [BLOCK_N, BLOCK_W * 8])  # [BLOCK_N, BLOCK_W * 8] in k order
+        tile = int4_tile_in_k_order(w, s, z, out_ptr.dtype.element_ty, BLOCK_N, BLOCK_W * 8)  # [BLOCK_N, BLOCK_W * 8]
         k = tl.program_id(1) * BLOCK_W * 8 + tl.arange(0, BLOCK_W * 8)
         tl.store(out_ptr + offs_n[:, None] * K + k[None, :], tile, mask=(offs_n[:, None] < N) & (k[None, :] < K))
 

@@ -139,7 +139,7 @@ import torch, kernels as k, quantize as q
 def rel(a, b): return float((a - b).norm() / b.norm())
 torch.manual_seed(0)
 tile = dict(BLOCK_N=16, BLOCK_K=128)
-for M, N, K, G in [(2, 37, 320, 32), (5, 24, 512, 64), (17, 16, 256, 128)]:  # ragged N and K; two row blocks
+for M, N, K, G in [(2, 37, 320, 32), (5, 24, 512, 64), (17, 16, 256, 128), (70, 24, 320, 32)]:  # ragged; 64-row blocks
     w, x = torch.randn(2 * N, K), torch.randn(M, K).half()  # fp16: the interpreter's bf16 dot is wrong
     ref = lambda wf: x.float() @ wf.t()  # noqa: E731
     assert rel(k.dequant_matmul(x, w.half(), **tile).float(), ref(w.half().float())) < 1e-3, ("float", M)
