@@ -100,8 +100,11 @@ class Engine:
         (generate.warm_up_prompt_lengths), so that compiling is done before the first request."""
         loop = asyncio.new_event_loop()  # never run: the warm-up's events are dropped
         for size in sorted({min(1 << i, self.max_batch) for i in range(self.max_batch.bit_length() + 1)}):
+            t0 = time.perf_counter()
             for n in generate.warm_up_prompt_lengths(self.context, 8):
                 self.generate([Job([1] * n, 8, 1.0, 1.0, [], None, [], loop, asyncio.Queue()) for _ in range(size)])
+            # a line per size: on a large model each takes a while
+            print(f"Compiled batch size {size} in {time.perf_counter() - t0:.1f} s", flush=True)
         loop.close()
 
     def serve_forever(self, warm_up: bool) -> None:

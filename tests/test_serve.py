@@ -179,7 +179,7 @@ def test_a_full_queue_answers_503_and_a_client_that_leaves_frees_its_row():
         proc.wait(timeout=30)
 
 
-def test_the_warm_up_runs_every_batch_size_and_prefill_bucket_a_round_can_have():
+def test_the_warm_up_runs_every_batch_size_and_prefill_bucket_a_round_can_have(capsys):
     import serve
 
     tok = get_tokenizer(STORIES / "tokenizer.model")
@@ -193,3 +193,6 @@ def test_the_warm_up_runs_every_batch_size_and_prefill_bucket_a_round_can_have()
     # each prefill bucket that fits the context with room to decode, twice (CUDA graphs record on the second call)
     assert seen == [(size, n) for size in (1, 2, 4, 6) for n in (16, 32, 16, 32)]
     assert engine.counts["batches"] == len(seen)
+    assert [line.split(" in ")[0] for line in capsys.readouterr().out.splitlines()] == [
+        f"Compiled batch size {size}" for size in (1, 2, 4, 6)
+    ]  # progress a user sees while a large model compiles
