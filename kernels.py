@@ -415,17 +415,18 @@ def decode_gemv(
 # ---------------------------------------------------------------- Triton matmul (batched decode: 2 to 64 rows)
 
 if triton is not None:
-
+    # K a multiple of the block (every layer of the usual shapes): no k masks, so that loads are wide vectors
+    @triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
     @triton.jit
     def dequant_matmul_kernel(
-        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, SZ_STRIDE, GROUP: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+        x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, W_STRIDE, SZ_STRIDE, GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr, EVEN_K: tl.constexpr,
     ):  # fmt: skip
         """y [M, N] = x [M, K] w^T where each weight tile is read and dequantized once for BLOCK_M rows of x and
         multiplied on the tensor cores (a GEMV reads or converts it once per row). Weights as gemv takes them:
         float [N, K]; int8 [N, K] with scales [N]; int4 int32 [N, K/8] with (scale, zero) as int32 [K/G, N], rows
-        SZ_STRIDE apart. The tile is computed transposed, w x^T [BLOCK_N, BLOCK_M], so the dequantized w is the dot's
-        register operand."""
+        SZ_STRIDE apart; weight rows W_STRIDE apart. The tile is computed transposed, w x^T [BLOCK_N, BLOCK_M], so
+        the dequantized w is the dot's register operand."""
         pid_n, pid_m = tl.program_id(0), tl.program_id(1)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -438,27 +439,30 @@ if triton is not None:
             words = tl.arange(0, BLOCK_K // 8)
             for k0 in range(0, K, BLOCK_K):
                 word = k0 // 8 + words  # [BLOCK_K / 8]
-                live = word[None, :] < K // 8
-                w = tl.load(w_ptr + offs_n[:, None] * (K // 8) + word[None, :], mask=n_ok & live, other=0)
+                live = (word[None, :] < K // 8) | EVEN_K
+                w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + word[None, :], mask=n_ok & live, other=0)
                 sz_off = (word // (GROUP // 8))[None, :] * SZ_STRIDE + offs_n[:, None]
                 sz = tl.load(s_ptr + sz_off, mask=n_ok & live, other=0)  # 0: q * 0 + 0 where masked
                 s, z = int4_scale_zero(sz)
                 if BLOCK_M >= 64:  # many rows: one dot; for a few its shuffle into k order costs more than 8 dots
                     k = k0 + offs_k
-                    xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
+                    xt = tl.load(
+                        x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & ((k[:, None] < K) | EVEN_K), other=0.0
+                    )
                     acc = tl.dot(int4_tile_in_k_order(w, s, z, x_ptr.dtype.element_ty, BLOCK_N, BLOCK_K), xt, acc)
                 else:  # a dot per code i, over the block's k = 32 c + 4 i + j
                     k = 32 * (word // 4) + word % 4  # k of each word's code 0
                     for i in tl.static_range(8):
                         x_off = offs_m[None, :] * K + (k + 4 * i)[:, None]  # [BLOCK_K / 8, BLOCK_M]
-                        xt = tl.load(x_ptr + x_off, mask=m_ok & (word[:, None] < K // 8), other=0.0)
+                        xt = tl.load(x_ptr + x_off, mask=m_ok & ((word[:, None] < K // 8) | EVEN_K), other=0.0)
                         acc = tl.dot(int4_weight(w, i, s, z).to(x_ptr.dtype.element_ty), xt, acc)
         else:
             for k0 in range(0, K, BLOCK_K):
                 k = k0 + offs_k
-                w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok & (k[None, :] < K), other=0)
+                k_ok = (k < K) | EVEN_K
+                w = tl.load(w_ptr + offs_n[:, None] * W_STRIDE + k[None, :], mask=n_ok & k_ok[None, :], other=0)
                 # int8 by a plain (exact) conversion: the GEMVs' int8_to_float measured slower in this loop
-                xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & (k[:, None] < K), other=0.0)
+                xt = tl.load(x_ptr + offs_m[None, :] * K + k[:, None], mask=m_ok & k_ok[:, None], other=0.0)
                 acc = tl.dot(w.to(x_ptr.dtype.element_ty), xt, acc)
             if w_ptr.dtype.element_ty == tl.int8:
                 acc *= tl.load(s_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[:, None]
@@ -492,7 +496,9 @@ def dequant_matmul(x: Tensor, w: Tensor, scales: Optional[Tensor] = None, groups
     launch = {"launch_pdl": True} if pdl else {}
     kernel = dequant_matmul_kernel if config else dequant_matmul_tuned
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), triton.cdiv(M, block_m))  # noqa: E731
-    kernel[grid](x, w, s, y, M, N, K, stride, GROUP=groupsize, BLOCK_M=block_m, PDL=pdl, **launch, **config)
+    kernel[grid](
+        x, w, s, y, M, N, K, w.stride(0), stride, GROUP=groupsize, BLOCK_M=block_m, PDL=pdl, **launch, **config
+    )
     return y
 
 
