@@ -396,22 +396,23 @@ def load_model(
     use_tp: bool = False,
     kernels_mode: str = "auto",
     pdl: bool = False,
+    rows: int = 1,
 ) -> Transformer:
     """The model of a checkpoint (bf16, int8 or int4, read from its tensors), placed on the device with its kernels."""
-    return place(quantize.load_checkpoint_model(checkpoint_path), device, precision, use_tp, kernels_mode, pdl)
+    return place(quantize.load_checkpoint_model(checkpoint_path), device, precision, use_tp, kernels_mode, pdl, rows)
 
 
 def place(
-    model: Transformer, device, precision, use_tp: bool, kernels_mode: str = "auto", pdl: bool = False
+    model: Transformer, device, precision, use_tp: bool, kernels_mode: str = "auto", pdl: bool = False, rows: int = 1
 ) -> Transformer:
     """Shard (tensor parallel), move and cast; then our kernels where they run (kernels.py), and torch's int4
-    kernels for the int4 layers left."""
+    kernels for the int4 layers left; rows: the rows of its decode steps, which pick the int4 kernel."""
     if use_tp:
         import tp
 
         tp.apply_tp(model)
     model = model.to(device=device, dtype=precision)
-    kernels.use_kernels(model, device, kernels_mode, pdl)
+    kernels.use_kernels(model, device, kernels_mode, pdl, rows)
     quantize.prepare_for_device(model, device)
     return model.eval()
 
@@ -699,15 +700,24 @@ def resolve_precision(name: Optional[str], device: torch.device) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
+def decode_rows(args) -> int:
+    """The rows of the target model's decode steps: the batch size, or k + 1 when it verifies speculation; a
+    server's batches vary and are often one row: 1."""
+    if args.speculate:
+        return args.speculate_k + 1
+    return 1 if hasattr(args, "max_batch_size") else args.batch_size
+
+
 def load_models(args, device, precision, use_tp, pdl: bool = False):
     """The target model (checkpoint or random) and the optional draft; CLI errors as one line."""
+    rows = decode_rows(args)
     try:
         if args.random_init:
             config = ModelArgs.from_name(args.random_init)
             model = random_model(config, device, precision, args.seed)
             if args.quantize:
                 model = repack_memory(quantize.quantize_model(model, args.quantize, args.groupsize), device)
-            model = place(model, device, precision, use_tp, args.kernels, pdl)
+            model = place(model, device, precision, use_tp, args.kernels, pdl, rows)
             draft = None
             if args.draft_quantize:  # same random weights, quantized: a draft that mostly agrees
                 draft = quantize.quantize_model(
@@ -716,7 +726,7 @@ def load_models(args, device, precision, use_tp, pdl: bool = False):
                 draft = repack_memory(draft, device)
                 draft = place(draft, device, precision, use_tp, args.kernels, pdl)
         else:
-            model = load_model(args.checkpoint_path, device, precision, use_tp, args.kernels, pdl)
+            model = load_model(args.checkpoint_path, device, precision, use_tp, args.kernels, pdl, rows)
             draft = (
                 load_model(args.draft_checkpoint_path, device, precision, use_tp, args.kernels, pdl)
                 if args.draft_checkpoint_path

@@ -35,6 +35,7 @@ except ImportError:  # CPU-only installs: the plain path
 GEMV_MAX_ROWS = 1  # one row (decode at batch 1) takes the GEMV kernels; from 2 rows dequant_matmul is as fast or faster
 MATMUL_MAX_ROWS = 64  # up to this many rows (batched decode, speculative verify) take dequant_matmul
 FLOAT_MATMUL_MAX_ROWS = 32  # float weights: from 64 rows cuBLAS is as fast or faster
+TINYGEMM_MAX_ROWS = 8  # int4 decode steps of 2 to this many rows: torch's tinygemm unpacks faster than dequant_matmul
 
 
 # ---------------------------------------------------------------- the int4 GEMV's weight layout
@@ -926,16 +927,18 @@ class FusedBlock(TransformerBlock):
 # ---------------------------------------------------------------- the swap
 
 
-def use_kernels(model: nn.Module, device, kernels: str = "auto", pdl: bool = False) -> None:
+def use_kernels(model: nn.Module, device, kernels: str = "auto", pdl: bool = False, rows: int = 1) -> None:
     """On a CUDA GPU, give the model's decode steps our kernels: int4 layers repacked for the int4 GEMV, then
     use_triton_kernels. kernels="torch" (and any other device) keeps the plain path: inductor's own kernels, and
-    tinygemm or torch's CPU kernel for int4 (quantize.prepare_for_device). Run it after tensor parallel's sharding."""
+    tinygemm or torch's CPU kernel for int4 (quantize.prepare_for_device). rows: the rows of the model's decode steps
+    (the batch size); from 2 to TINYGEMM_MAX_ROWS its int4 layers stay on tinygemm, one layout per model (keeping
+    both would double int4's weight memory). Run it after tensor parallel's sharding."""
     if kernels not in ("auto", "gemv", "torch"):
         raise ValueError(f"kernels={kernels!r}: use auto, gemv or torch")
     device = torch.device(device)
     if kernels == "torch" or device.type != "cuda" or triton is None or torch.version.hip is not None:
         return
-    for m in list(model.modules()):
+    for m in list(model.modules()) if not 2 <= rows <= TINYGEMM_MAX_ROWS else ():
         if type(m) is WeightOnlyInt4Linear and m.packed is None and int4_fits(m.in_features, m.groupsize):
             to_int4_gemv(m, device)
     use_triton_kernels(model, kernels, pdl)

@@ -559,3 +559,14 @@ def test_interactive_chat_streams_replies_and_keeps_the_conversation(
         assert line == tok.decode(reply) and reply
         assert cached[len(history) > 0] == fed  # the earlier turns, but for the last token sampled
         history, fed = prompt.tolist() + reply + tok.end_of_turn(), y.shape[1] - 1
+
+
+def test_the_decode_rows_that_pick_the_int4_kernel():
+    """int4 layers load for the rows of the decode steps (kernels.use_kernels): the batch size, k + 1 for a speculative
+    target, and one for a server, whose batches vary."""
+    import serve
+
+    assert generate.decode_rows(generate.parse_args(["--batch_size", "8"])) == 8
+    assert generate.decode_rows(generate.parse_args(["--speculate", "ngram", "--speculate_k", "3"])) == 4
+    assert generate.decode_rows(serve.parse_args(["--max_batch_size", "8"])) == 1
+    assert 2 <= 8 <= kernels.TINYGEMM_MAX_ROWS  # batch 8 on tinygemm, as tests/test_gpu.py checks on a GPU
