@@ -3,7 +3,8 @@
 model.py and quantize.py are plain PyTorch and run anywhere. After loading (and tensor-parallel sharding), on a
 CUDA GPU, use_kernels gives batch-1 decode steps our Triton GEMVs: float, int8 and int4 weights, w1 and w3 as one
 gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); batched steps (2 to 64 rows) run on
-dequant_matmul, which dequantizes each weight tile once for all rows; use_decode_attention_kernel runs a decode
+dequant_matmul, which dequantizes each weight tile once for all rows (int4 at 2 to TINYGEMM_MAX_ROWS rows: torch's
+tinygemm); use_decode_attention_kernel runs a decode
 step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
 """
 
@@ -35,7 +36,7 @@ except ImportError:  # CPU-only installs: the plain path
 GEMV_MAX_ROWS = 1  # one row (decode at batch 1) takes the GEMV kernels; from 2 rows dequant_matmul is as fast or faster
 MATMUL_MAX_ROWS = 64  # up to this many rows (batched decode, speculative verify) take dequant_matmul
 FLOAT_MATMUL_MAX_ROWS = 32  # float weights: from 64 rows cuBLAS is as fast or faster
-TINYGEMM_MAX_ROWS = 8  # int4 decode steps of 2 to this many rows: torch's tinygemm unpacks faster than dequant_matmul
+TINYGEMM_MAX_ROWS = 4  # int4 decode steps of 2 to this many rows: torch's tinygemm is faster than dequant_matmul
 
 
 # ---------------------------------------------------------------- the int4 GEMV's weight layout

@@ -193,11 +193,11 @@ def test_compiled_prefill_matches_eager(stories, mode):
 # ---------------------------------------------------------------- batches and speculative decoding
 
 
-@pytest.mark.parametrize("mode,batch_size", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 8)])
+@pytest.mark.parametrize("mode,batch_size", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 4)])
 @torch.no_grad()
 def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode, batch_size):
     """Batches of 2, 8 and 16 rows on the compiled defaults (dequant_matmul, where batch 1 takes the GEMVs; int4
-    loaded for batch 8 puts its layers on tinygemm): one prompt repeated, and prompts of different lengths (left
+    loaded for batch 4 puts its layers on tinygemm): one prompt repeated, and prompts of different lengths (left
     padding). Each generated token must be the greedy choice of the plain eager model run on that row alone, up to
     bf16 near-ties: its logit within 0.25 of the top one, and the top one 9 times in 10."""
     path = stories
@@ -206,9 +206,9 @@ def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode, 
         path = q.output_path(stories, mode, 32)
     ids = story_ids(stories.parent / "tokenizer.model")
     model, _, steps = setup(path, "--compile", "--batch_size", str(batch_size))
-    if mode == "int4":  # loaded for batch 8: tinygemm (for the layers it takes, N % 16 == 0), for batch 1: ours
+    if mode == "int4":  # loaded for batch 4: tinygemm (for the layers it takes, N % 16 == 0), for batch 1: ours
         kinds = {m.kernel for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)}
-        assert ("tinygemm" in kinds, "triton" in kinds) == (batch_size == 8, batch_size == 1), kinds
+        assert ("tinygemm" in kinds, "triton" in kinds) == (batch_size == 4, batch_size == 1), kinds
     plain, _, _ = setup(path, "--kernels", "torch", "--no-attention_kernel")
     for prompts in ([ids[:5]] * 2, [ids[: 2 + 3 * b] for b in range(8)], [ids[: 2 + 2 * b] for b in range(16)]):
         model.max_seq_length = -1  # fresh caches
