@@ -4,8 +4,8 @@ model.py and quantize.py are plain PyTorch and run anywhere. After loading (and 
 CUDA GPU, use_kernels gives batch-1 decode steps our Triton GEMVs: float, int8 and int4 weights, w1 and w3 as one
 gated kernel, the RMSNorms and residual adds inside the GEMVs (FusedBlock); batched steps (2 to 64 rows) run on
 dequant_matmul, which dequantizes each weight tile once for all rows (int4 at 2 to TINYGEMM_MAX_ROWS rows: torch's
-tinygemm); use_decode_attention_kernel runs a decode
-step's attention as one kernel. Each kernel sits next to the PyTorch it must equal (the tests compare them).
+tinygemm); use_decode_attention_kernel runs a decode step's attention as one kernel. Each kernel sits next to the
+PyTorch it must equal (the tests compare them).
 """
 
 import copy
