@@ -95,9 +95,8 @@ def main(argv=None):
     model = g.random_model(config, device, torch.bfloat16, args.seed)
     if args.quantize:
         quantize.quantize_model(model, args.quantize, 32)
-    model = g.place(
-        model, device, torch.bfloat16, use_tp=False, kernels_mode=args.kernels
-    )  # int4 packed for the kernels
+    # int4 packed for the kernels
+    model = g.place(model, device, torch.bfloat16, use_tp=False, kernels_mode=args.kernels)
     kernels.use_triton_kernels(model, "torch", pdl=False)  # the reference: the plain PyTorch paths, no Triton kernels
     kernels.store_hidden(model)  # as generate.py compiles
     model.decode_layer = g.run_layer_once if args.compile_layer_once else run_layer  # eager, a plain call
