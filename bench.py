@@ -118,7 +118,7 @@ def command(a, s: dict) -> list[str]:
         ]
         cmd += ["--checkpoint_path", str(a.checkpoint_path.parent / suffix)]
     if s["compile"] == "on":
-        cmd += ["--compile"] + (["--compile_prefill"] if a.compile_prefill else [])
+        cmd += ["--compile"]
     if s["speculate"] == "ngram":
         cmd += ["--speculate", "ngram", "--speculate_k", str(a.speculate_k)]
     elif s["speculate"].startswith("draft"):
@@ -217,7 +217,6 @@ def parse_args(argv=None):
     p.add_argument("--num_samples", type=int, default=3, help="samples per setting (after the warm-up one)")
     p.add_argument("--groupsize", type=int, default=32, help="int4 group size")
     p.add_argument("--speculate_k", type=int, default=5, help="speculated tokens per step")
-    p.add_argument("--compile_prefill", action="store_true", help="also compile prefill (dynamic shapes)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     p.add_argument(

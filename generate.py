@@ -101,9 +101,10 @@ PREFILL_BUCKETS = (16, 32, 64)  # short prompts' padded lengths under --compile:
 
 
 def warm_up_prompt_lengths(context: int, new_tokens: int) -> list[int]:
-    """Prompt lengths whose runs compile each padded prefill graph that fits context with new_tokens to decode: every
-    bucket twice, as a CUDA graph records on a step's second call."""
-    return [n for n in PREFILL_BUCKETS if n + new_tokens <= context] * 2
+    """Prompt lengths whose runs compile each padded prefill graph that fits context with new_tokens to decode (every
+    bucket twice, as a CUDA graph records on a step's second call), then one longer prompt for the compiled prefill
+    layer (compile_prefill_layer), which serves every longer length."""
+    return [n for n in [*PREFILL_BUCKETS * 2, PREFILL_BUCKETS[-1] + 1] if n + new_tokens <= context]
 
 
 def prefill_padded(model: Transformer, x: Tensor, input_pos: Tensor, last: Tensor, **sampling_kwargs):
@@ -466,8 +467,10 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="compile the decode step (torch.compile, CUDA graphs)")
     p.add_argument(
         "--compile_prefill",
-        action="store_true",
-        help="compile prefill too (dynamic shapes); works with or without --compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile prefill's layers: one layer for any prompt length (dynamic shapes), called for each layer; "
+        "on by default with --compile, works without it",
     )
     p.add_argument(
         "--compile_layer_once",
@@ -629,6 +632,8 @@ def finish_model_args(args) -> None:
         args.compile_layer_once = args.compile
     if args.prefill_graphs is None:
         args.prefill_graphs = args.compile
+    if args.compile_prefill is None:
+        args.compile_prefill = args.compile
     args.groupsize = args.groupsize or 32
     args.kernels = args.kernels or "auto"
 
@@ -902,9 +907,17 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
 run_layer_once = torch.compiler.nested_compile_region(run_layer)
 
 
+def compile_prefill_layer(fullgraph: bool = True):
+    """Prefill's layer call under --compile_prefill: one layer compiled for any prompt length (dynamic shapes) and
+    called for each layer, whose weights are its graph's inputs, so one graph serves them all. It compiles one layer
+    where a compiled prefill would inline every one, and launches inductor's fused kernels where eager launches each
+    op from Python, which costs more than the math below a few hundred positions."""
+    return torch.compile(run_layer, dynamic=True, fullgraph=fullgraph)
+
+
 def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool = False):
-    """The step functions, compiled when asked: decode and short prompts (on CUDA) with CUDA graphs, prefill with
-    dynamic shapes."""
+    """The step functions, compiled when asked: decode and short prompts (on CUDA) with CUDA graphs (prefill's
+    layers are compiled in setup: compile_prefill_layer)."""
     steps = {"prefill_fn": prefill, "decode_fn": decode_one_token, "verify_fn": model_forward}
     if not (args.compile or args.compile_prefill):
         return steps
@@ -913,8 +926,6 @@ def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool 
         steps["decode_fn"] = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
     if args.compile and args.speculate:
         steps["verify_fn"] = torch.compile(model_forward, mode="reduce-overhead", fullgraph=True)
-    if args.compile_prefill:
-        steps["prefill_fn"] = torch.compile(prefill, fullgraph=fused_kernels_ok, dynamic=True)
     if args.prefill_graphs and fused_kernels_ok and device.type == "cuda":  # (a mixture of experts keeps its own)
         padded = torch.compile(prefill_padded, mode="reduce-overhead", fullgraph=True, dynamic=False)
         steps["prefill_fn"] = bucketed_prefill(padded, steps["prefill_fn"])
@@ -1149,10 +1160,12 @@ def setup(args, rank: Optional[int] = None):
     model, draft = load_models(args, device, precision, use_tp, pdl)
     print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
     steps = compile_steps(args, device, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
+    prefill_layer = compile_prefill_layer(fullgraph=not model.config.num_experts) if args.compile_prefill else run_layer
     for m in (model, draft) if draft is not None else (model,):
         if args.compile or args.compile_prefill:
             kernels.store_hidden(m)
         m.decode_layer = run_layer_once if args.compile_layer_once else run_layer
+        m.prefill_layer = prefill_layer
     if (args.compile or args.compile_prefill) and args.compile_cache is not None and args.compile_cache.is_file():
         torch.compiler.load_cache_artifacts(args.compile_cache.read_bytes())  # a warm start, even on a new machine
     return device, model, draft, steps

@@ -177,6 +177,7 @@ class Transformer(nn.Module):
         self.max_seq_length = -1
         self.left_padded = False  # set_row_starts: rows of different prompts, padded on the left
         self.decode_layer = run_layer  # how decode steps call each layer: generate.py's --compile_layer_once swaps it
+        self.prefill_layer = run_layer  # how prefill calls each layer: generate.py's --compile_prefill swaps it
 
     @classmethod
     def from_name(cls, name: str) -> "Transformer":
@@ -231,7 +232,7 @@ class Transformer(nn.Module):
     ) -> Tensor:
         """idx [B, S] token ids at positions input_pos [S]; returns logits [B, S, V] ([B, 1, V] with last_only).
 
-        prefill=True: prompt tokens, each layer called plainly (decode_layer is for decode steps). It promises
+        prefill=True: prompt tokens, each layer called by prefill_layer (decode_layer: decode steps'). It promises
         input_pos == arange(S), so that attention is plain causal over these S tokens, which the flash SDPA kernel
         can run; unless continued: a later chunk of the prompt, which attends over the cache through the mask.
         last_only: the logits of the last position alone, so that a long prompt makes no [B, S, V] tensor.
@@ -244,7 +245,7 @@ class Transformer(nn.Module):
             mask = None if prefill and not continued else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
-        run = run_layer if prefill else self.decode_layer  # prefill's dynamic shapes: one layer region is refused
+        run = self.prefill_layer if prefill else self.decode_layer
         for layer in self.layers:
             x = run(layer, x, input_pos, freqs_cis, mask)
         if last_only:

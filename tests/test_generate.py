@@ -208,24 +208,30 @@ def test_a_compiled_chat_warms_every_prompt_bucket_at_the_cache_its_first_turns_
     args.speculate, args.speculate_k = "draft", 4
     target.max_seq_length = draft.max_seq_length = -1
     generate.warm_up_chat(target, args, steps, draft, torch.device("cpu"))
-    assert lengths == [16, 32, 64] * 2
+    assert lengths == [16, 32, 64] * 2 + [65]
     assert target.max_seq_length == draft.max_seq_length == 192  # 64 + 100 + k + 1, in rows of 64
     kv = target.layers[0].attention.kv_cache.kv
     gen(target, prompt_ids(40), 100, draft_model=draft, speculate="draft", speculate_k=4, temperature=0, **steps)
     assert target.layers[0].attention.kv_cache.kv is kv and draft.max_seq_length == 192
 
 
-def test_a_compiled_prefill_in_chunks_gives_the_eager_tokens(target):
-    """--compile_prefill's dynamic-shape graph over the first chunk and the later ones (they attend through the
-    cache's mask), against the eager prompt at once."""
+def test_a_compiled_prefill_layer_serves_every_layer_and_length_and_gives_the_eager_tokens(target):
+    """--compile_prefill's one layer graph, over prompts of several lengths in chunks (the first from position 0, the
+    later ones through the cache's mask), against the eager prompt at once: the same tokens, from two graphs (one per
+    mask kind) for all the layers and lengths."""
     torch._dynamo.reset()
-    compiled = torch.compile(generate.prefill, dynamic=True)
-    prompt = prompt_ids(40)
-    target.max_seq_length = -1
-    ref, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=0)
-    target.max_seq_length = -1
-    y, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=16, prefill_fn=compiled)
-    assert torch.equal(y, ref)
+    torch._dynamo.utils.counters.clear()
+    try:
+        for n in (45, 23, 57):
+            prompt = prompt_ids(n)
+            target.prefill_layer, target.max_seq_length = generate.run_layer, -1
+            ref, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=0)
+            target.prefill_layer, target.max_seq_length = generate.compile_prefill_layer(), -1
+            y, _ = gen(target, prompt, 6, temperature=0, prefill_chunk=32)  # 45: 32 + 13, 23 at once, 57: 32 + 25
+            assert torch.equal(y, ref), n
+    finally:
+        target.prefill_layer = generate.run_layer
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
 def test_prefill_makes_the_last_positions_logits_alone(target):
@@ -429,12 +435,16 @@ def greedy_argv(checkpoint, tokenizer_path) -> list:
 
 
 def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkpoint, llama2_tokenizer_path, tmp_path):
-    """--compile's default (one compiled layer, reused for every layer) decodes the eager greedy text."""
+    """--compile's default (one compiled layer, reused for every layer; prefill's own compiled layer) decodes the
+    eager greedy text, from two graphs."""
     assert generate.parse_args(["--compile"]).compile_layer_once is True
     assert generate.parse_args(["--compile", "--no-compile_layer_once"]).compile_layer_once is False
     assert generate.parse_args([]).compile_layer_once is False
     assert generate.parse_args(["--compile"]).prefill_graphs is True  # short prompts' CUDA graphs, on CUDA
     assert generate.parse_args(["--compile", "--no-prefill_graphs"]).prefill_graphs is False
+    assert generate.parse_args(["--compile"]).compile_prefill is True
+    assert generate.parse_args(["--compile", "--no-compile_prefill"]).compile_prefill is False
+    assert generate.parse_args([]).compile_prefill is False
     argv = greedy_argv(checkpoint, llama2_tokenizer_path)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
     outs = [
@@ -444,13 +454,13 @@ def test_compile_compiles_one_layer_by_default_and_gives_the_eager_tokens(checkp
     assert all(o.returncode == 0 for o in outs), [o.stderr[-2000:] for o in outs]
     texts = [[line for line in o.stdout.splitlines() if line.startswith("Once upon a time")] for o in outs]
     assert texts[0] == texts[1] and len(texts[0]) == 1
-    assert "graphs: 0 from cache, 1 compiled" in outs[1].stdout
+    assert "graphs: 0 from cache, 2 compiled" in outs[1].stdout  # the decode step, prefill's layer
 
 
 def test_compiled_prefill_alone_gives_the_eager_tokens_and_a_warm_start_reuses_it(
     checkpoint, llama2_tokenizer_path, tmp_path
 ):
-    """--compile_prefill without --compile: prefill compiled with dynamic shapes, decode eager, same greedy text;
+    """--compile_prefill without --compile: prefill's layer compiled (dynamic shapes), decode eager, same greedy text;
     a second run with the same cache directory compiles nothing."""
     argv = greedy_argv(checkpoint, llama2_tokenizer_path)
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
