@@ -470,7 +470,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="compile prefill's layers: one layer for any prompt length (dynamic shapes), called for each layer; "
-        "on by default with --compile, works without it",
+        "on by default with --compile, works without it; not for a mixture of experts",
     )
     p.add_argument(
         "--compile_layer_once",
@@ -907,12 +907,12 @@ def set_inductor_options(device: str, pdl: bool = False) -> None:
 run_layer_once = torch.compiler.nested_compile_region(run_layer)
 
 
-def compile_prefill_layer(fullgraph: bool = True):
+def compile_prefill_layer():
     """Prefill's layer call under --compile_prefill: one layer compiled for any prompt length (dynamic shapes) and
     called for each layer, whose weights are its graph's inputs, so one graph serves them all. It compiles one layer
     where a compiled prefill would inline every one, and launches inductor's fused kernels where eager launches each
     op from Python, which costs more than the math below a few hundred positions."""
-    return torch.compile(run_layer, dynamic=True, fullgraph=fullgraph)
+    return torch.compile(run_layer, dynamic=True, fullgraph=True)
 
 
 def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool = False):
@@ -1160,7 +1160,8 @@ def setup(args, rank: Optional[int] = None):
     model, draft = load_models(args, device, precision, use_tp, pdl)
     print(f"Loaded model in {time.perf_counter() - t0:.2f} s")
     steps = compile_steps(args, device, fused_kernels_ok=not model.config.num_experts, pdl=pdl)
-    prefill_layer = compile_prefill_layer(fullgraph=not model.config.num_experts) if args.compile_prefill else run_layer
+    # a mixture of experts keeps an eager prefill: its expert loop's shapes depend on the routing (a compile per length)
+    prefill_layer = compile_prefill_layer() if args.compile_prefill and not model.config.num_experts else run_layer
     for m in (model, draft) if draft is not None else (model,):
         if args.compile or args.compile_prefill:
             kernels.store_hidden(m)

@@ -234,6 +234,16 @@ def test_a_compiled_prefill_layer_serves_every_layer_and_length_and_gives_the_ea
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
 
 
+def test_compile_gives_prefill_its_compiled_layer_but_a_mixture_of_experts_keeps_an_eager_one(tmp_path):
+    """A mixture of experts' prefill loops over experts with routing-dependent shapes: compiled, each prompt length
+    would compile anew."""
+    for overrides, compiled in (({}, True), (dict(num_experts=4, num_activated_experts=2), False)):
+        path = save_checkpoint(random_transformer(tiny_args(**overrides)), tmp_path / str(compiled))
+        args = generate.parse_args(["--checkpoint_path", str(path), "--compile", "--device", "cpu"])
+        _, model, _, _ = generate.setup(args)
+        assert (model.prefill_layer is not generate.run_layer) is compiled
+
+
 def test_prefill_makes_the_last_positions_logits_alone(target):
     """A long prompt never holds a [B, S, V] logits tensor: the output layer sees one position per row."""
     seen = []
