@@ -190,6 +190,19 @@ def test_compiled_prefill_matches_eager(stories, mode):
     assert not bad, f"(prompt length, 0: distribution / i: layer i-1's cache, compiled's error, eager's): {bad}"
 
 
+@torch.no_grad()
+def test_a_long_prompt_in_chunks_through_the_compiled_prefill_layer_gives_the_eager_tokens():
+    """Chunks of more than 64 positions take prefill's compiled layer, the later ones attending through the cache's
+    mask: in float32 the compiled defaults' greedy tokens equal the eager model's, the prompt run at once."""
+    path = ROOT / "models/stories260K/model.pth"
+    ids = story_ids(path.parent / "tokenizer.model").repeat(5)[:300]
+    out = []
+    for flags, chunk in ((["--compile"], 100), ([], 0)):
+        model, _, steps = setup(path, "--precision", "fp32", *flags)
+        out.append(generate.generate(model, ids, 40, temperature=0, prefill_chunk=chunk, **steps)[0])
+    assert torch.equal(out[0], out[1])
+
+
 # ---------------------------------------------------------------- batches and speculative decoding
 
 
