@@ -912,7 +912,14 @@ def compile_prefill_layer():
     called for each layer, whose weights are its graph's inputs, so one graph serves them all. It compiles one layer
     where a compiled prefill would inline every one, and launches inductor's fused kernels where eager launches each
     op from Python, which costs more than the math below a few hundred positions."""
-    return torch.compile(run_layer, dynamic=True, fullgraph=True)
+    # outside CUDA graphs each kernel launch costs host time, which torch's static launcher cuts (set_inductor_options
+    # turns it off for torch <= 2.11, whose warm start re-tunes through it: no tuning here, for large inputs)
+    import torch._inductor.config as inductor_config
+
+    options = {"coordinate_descent_tuning": False}
+    if hasattr(inductor_config, "use_static_cuda_launcher"):
+        options["use_static_cuda_launcher"] = True
+    return torch.compile(run_layer, dynamic=True, fullgraph=True, options=options)
 
 
 def compile_steps(args, device: torch.device, fused_kernels_ok: bool, pdl: bool = False):
