@@ -241,8 +241,10 @@ class Transformer(nn.Module):
             raise RuntimeError("call setup_caches() before forward()")
         if self.left_padded:
             mask = self.padding_mask(input_pos, idx.shape[0])  # [B, 1, S, S_max]
+        elif prefill and continued:  # a later chunk attends to the keys up to its last position, none past it
+            mask = self.causal_mask[None, None, input_pos, : int(input_pos[-1]) + 1]  # [1, 1, S, end]
         else:
-            mask = None if prefill and not continued else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
+            mask = None if prefill else self.causal_mask[None, None, input_pos]  # [1, 1, S, S_max]
         freqs_cis = self.freqs_cis[input_pos]  # [S, D/2, 2]
         x = self.tok_embeddings(idx)  # [B, S, dim]
         run = self.prefill_layer if prefill else self.decode_layer
@@ -317,8 +319,9 @@ class Attention(nn.Module):
         gqa = self.n_head != self.n_local_heads
         if mask is None:  # prefill from position 0: causal over the new tokens alone (flash-eligible)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            y = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, enable_gqa=gqa)
+        else:  # over the keys the mask covers: the whole cache, or those of a prompt chunk
+            n = mask.shape[-1]
+            y = F.scaled_dot_product_attention(q, k_all[:, :, :n], v_all[:, :, :n], attn_mask=mask, enable_gqa=gqa)
         return y.transpose(1, 2).contiguous().view(B, S, self.n_head * self.head_dim)
 
 
