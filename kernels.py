@@ -650,7 +650,7 @@ if triton is not None:
         qkv: Tensor, freqs: Tensor, input_pos: Tensor, k_cache: Tensor, v_cache: Tensor, n_head: int, pdl: bool
     ) -> Tensor:
         """qkv [B, (H + 2 HKV) D] of one new token per row at position input_pos [1], whose k and v the caches
-        [B, HKV, S_MAX, D] hold already -> attention output [B, H D]. Reads the caches only: torch.compile cannot
+        [B, HKV, S_MAX, D] hold already -> attention output [B, 1, H D]. Reads the caches only: torch.compile cannot
         functionalize a custom op that writes them inside the compiled layer region (torch 2.13).
         The cache is split into up to SPLITS ranges (flash-decoding) so that about two programs per SM run even when
         batch x key/value heads is small (Llama 3 8B at batch 1: 8); a second kernel combines them."""
@@ -660,7 +660,9 @@ if triton is not None:
         sms = torch.cuda.get_device_properties(qkv.device).multi_processor_count if qkv.is_cuda else 132
         splits = 1 << (min(triton.cdiv(S_MAX, block_t), max(1, 2 * sms // (B * HKV))).bit_length() - 1)  # a power of 2
         chunk = triton.cdiv(triton.cdiv(S_MAX, splits), block_t) * block_t
-        y = qkv.new_empty(B, n_head * D)
+        # [B, 1, H D] made 3-D here: inductor's int8 pattern (`--kernels torch`) reshapes wo's output to its input's
+        # leading dims, so a [B, H D] viewed as [B, 1, H D] came out [B, dim] and the residual broadcast to [B, B, dim]
+        y = qkv.new_empty(B, 1, n_head * D)
         acc = torch.empty(B, HKV, splits, G, D, dtype=torch.float32, device=qkv.device) if splits > 1 else y
         ml = torch.empty(B, HKV, splits, G, 2, dtype=torch.float32, device=qkv.device) if splits > 1 else y
         launch = {"launch_pdl": True} if pdl else {}  # a launch option: not known to Triton's CPU interpreter
@@ -674,7 +676,7 @@ if triton is not None:
 
     @decode_attention.register_fake
     def _(qkv, freqs, input_pos, k_cache, v_cache, n_head, pdl):
-        return qkv.new_empty(qkv.shape[0], n_head * k_cache.shape[-1])
+        return qkv.new_empty(qkv.shape[0], 1, n_head * k_cache.shape[-1])
 
 
 class KernelAttention(Attention):
@@ -689,8 +691,7 @@ class KernelAttention(Attention):
         if S != 1 or mask is None or mask.shape[0] > 1:  # prefill, verify, or a left-padded batch: the plain path
             return super().attend(qkv, freqs_cis, mask, input_pos)
         _, _, _, k_all, v_all = self.write_cache(qkv, freqs_cis, input_pos)
-        y = decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.pdl)
-        return y.view(B, 1, self.n_head * self.head_dim)
+        return decode_attention(qkv.view(B, -1), freqs_cis.view(-1, 2), input_pos, k_all, v_all, self.n_head, self.pdl)
 
 
 def use_decode_attention_kernel(model: Transformer, pdl: bool) -> bool:

@@ -206,19 +206,23 @@ def test_a_long_prompt_in_chunks_through_the_compiled_prefill_layer_gives_the_ea
 # ---------------------------------------------------------------- batches and speculative decoding
 
 
-@pytest.mark.parametrize("mode,batch_size", [("bf16", 1), ("int8", 1), ("int4", 1), ("int4", 4)])
+@pytest.mark.parametrize(
+    "mode,batch_size,kernels",
+    [("bf16", 1, "auto"), ("int8", 1, "auto"), ("int8", 1, "torch"), ("int4", 1, "auto"), ("int4", 4, "auto")],
+)
 @torch.no_grad()
-def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode, batch_size):
+def test_every_row_of_a_batch_is_its_prompts_greedy_continuation(stories, mode, batch_size, kernels):
     """Batches of 2, 8 and 16 rows on the compiled defaults (dequant_matmul, where batch 1 takes the GEMVs; int4
-    loaded for batch 4 puts its layers on tinygemm): one prompt repeated, and prompts of different lengths (left
-    padding). Each generated token must be the greedy choice of the plain eager model run on that row alone, up to
-    bf16 near-ties: its logit within 0.25 of the top one, and the top one 9 times in 10."""
+    loaded for batch 4 puts its layers on tinygemm), and int8 on inductor's own kernels (`--kernels torch`, beside the
+    attention kernel): one prompt repeated, and prompts of different lengths (left padding). Each generated token
+    must be the greedy choice of the plain eager model run on that row alone, up to bf16 near-ties: its logit within
+    0.25 of the top one, and the top one 9 times in 10."""
     path = stories
     if mode != "bf16":
         cli("quantize.py", "--checkpoint_path", str(stories), "--mode", mode, "--device", "cuda")
         path = q.output_path(stories, mode, 32)
     ids = story_ids(stories.parent / "tokenizer.model")
-    model, _, steps = setup(path, "--compile", "--batch_size", str(batch_size))
+    model, _, steps = setup(path, "--compile", "--batch_size", str(batch_size), "--kernels", kernels)
     if mode == "int4":  # loaded for batch 4: tinygemm (for the layers it takes, N % 16 == 0), for batch 1: ours
         kinds = {m.kernel for m in model.modules() if isinstance(m, q.WeightOnlyInt4Linear)}
         assert ("tinygemm" in kinds, "triton" in kinds) == (batch_size == 4, batch_size == 1), kinds

@@ -229,3 +229,34 @@ def test_decode_attention_kernel_matches_sdpa():
     the SDPA path, for MHA and GQA at batch 2, eager and compiled as generate.py compiles it."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(ATTENTION_CHECK)
+
+
+INT8_BATCH_CHECK = """
+import copy, torch, generate, kernels as k
+from conftest import random_transformer, tiny_args
+from quantize import quantize_model
+torch.set_grad_enabled(False)
+B = 4
+model = quantize_model(random_transformer(tiny_args(vocab_size=512, n_head=8, dim=256)), "int8").to(torch.bfloat16)
+assert k.use_decode_attention_kernel(model, pdl=False)
+tokens = torch.randint(0, 512, (B, 20))
+model.setup_caches(B, 64)
+model(tokens[:, :16], torch.arange(16), prefill=True)
+eager = copy.deepcopy(model)
+model.decode_layer = generate.run_layer_once
+step = torch.compile(lambda m, x, pos: m(x, pos), fullgraph=True)
+for i in range(16, 19):
+    pos = torch.tensor([i])
+    got, want = step(model, tokens[:, i : i + 1], pos), eager(tokens[:, i : i + 1], pos)
+    assert got.shape == want.shape == (B, 1, 512), got.shape
+    assert float((got - want).float().norm() / want.float().norm()) < 2e-2, i
+print("ok")
+"""
+
+
+def test_compiled_int8_decode_with_the_attention_kernel_keeps_each_rows_shape():
+    """`--kernels torch` with int8 weights at batch 8 crashed on the GPU: inductor's weight-only-int8 pattern, fed a
+    view of a 2-D attention output, dropped the sequence dimension and wo's output broadcast across rows. In bf16 (the
+    pattern's dtype) on the CPU, the compiled batch-4 step must give the eager step's logits."""
+    pytest.importorskip("triton")
+    run_in_triton_interpreter(INT8_BATCH_CHECK)
