@@ -820,7 +820,11 @@ class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self.on_gemv(x):
             return self.gemv(x)
-        return self.matmul(x) if self.on_matmul(x) else super().forward(x)
+        if self.on_matmul(x):
+            return self.matmul(x)
+        # dequantized before the matmul: compiled, F.linear(x, w) * scales meets inductor's weight-only-int8 pattern,
+        # whose CUDA kernel (_weight_int8pack_mm) computes each output on its own thread, far below cuBLAS
+        return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
 
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):

@@ -260,3 +260,31 @@ def test_compiled_int8_decode_with_the_attention_kernel_keeps_each_rows_shape():
     pattern's dtype) on the CPU, the compiled batch-4 step must give the eager step's logits."""
     pytest.importorskip("triton")
     run_in_triton_interpreter(INT8_BATCH_CHECK)
+
+
+CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", CUDA])
+@torch.no_grad()
+def test_a_compiled_int8_layer_of_many_rows_stays_off_atens_int8_matmul(device):
+    """A long prompt's prefill (compiled, over 64 rows) on an int8 layer of the kernels' path. Written as gpt-fast's
+    F.linear(x, w) * scales, inductor sends it to ATen's _weight_int8pack_mm, whose CUDA kernel computes each output
+    on its own thread, far slower than cuBLAS for many rows. Its code must not call it, and its output must be the
+    dequantized weights' matmul."""
+    import kernels as k
+    from quantize import WeightOnlyInt8Linear, quantize_int8
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    lin = WeightOnlyInt8Linear(256, 512).to(device)
+    weight, scales = quantize_int8(torch.randn(512, 256, device=device))
+    lin.weight.copy_(weight), lin.scales.copy_(scales)
+    lin.__class__, lin.use_triton = k.Int8GemvLinear, True  # as use_triton_kernels makes it
+    x = torch.randn(1, 100, 256, dtype=torch.bfloat16, device=device)
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(lin, dynamic=True, fullgraph=True), x)
+    assert "_weight_int8pack_mm" not in "".join(code)
+    assert rel_err(out.float(), x.float() @ (weight.float() * scales.float()[:, None]).T) < 1e-2
