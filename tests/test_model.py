@@ -274,9 +274,10 @@ def test_a_compiled_int8_layer_of_many_rows_stays_off_atens_int8_matmul(device):
     F.linear(x, w) * scales, inductor sends it to ATen's _weight_int8pack_mm, whose CUDA kernel computes each output
     on its own thread, far slower than cuBLAS for many rows. Its code must not call it, and its output must be the
     dequantized weights' matmul."""
+    from torch._inductor.utils import run_and_get_code
+
     import kernels as k
     from quantize import WeightOnlyInt8Linear, quantize_int8
-    from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     lin = WeightOnlyInt8Linear(256, 512).to(device)
