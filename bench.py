@@ -135,6 +135,17 @@ def command(a, s: dict) -> list[str]:
     return cmd + a.extra
 
 
+def progress(row: dict) -> str:
+    """One finished row in a line: decode tokens/s, first token, % of the read bandwidth, memory, seconds."""
+    if "tok_s" not in row:
+        return f"error: {row.get('error', 'no figures in the output')}"
+    figures = [f"{row['tok_s']:.1f} tokens/s per sequence"]
+    for key, fmt in (("ttft_ms", "first token {:.1f} ms"), ("pct", "{:.1f}% of read BW"), ("memory_gb", "{:.1f} GB")):
+        if key in row:
+            figures.append(fmt.format(row[key]))
+    return ", ".join(figures + [f"{row['wall_s']:.0f} s"])
+
+
 def table(rows: list[dict]) -> str:
     columns = {
         "precision": "precision", "compile": "compile", "speculate": "speculate", "batch_size": "batch",
@@ -259,7 +270,7 @@ def main(argv=None):
             row["total_tok_s"] = row["tok_s"] * s["batch_size"]
         if proc.returncode != 0:
             row["error"] = (proc.stderr.strip().splitlines() or ["failed"])[-1][:200]
-        print(f"{s} -> {row.get('tok_s', row.get('error'))}", file=sys.stderr, flush=True)
+        print(f"{s} -> {progress(row)}", file=sys.stderr, flush=True)  # each row as it ends: a cut-short run keeps them
         rows.append(row)
     print(table(rows))
     if a.json:

@@ -51,8 +51,11 @@ def test_a_small_cpu_matrix_end_to_end(tmp_path, capsys):
     rows = json.loads(out.read_text())
     assert [r["precision"] for r in rows] == ["bf16", "int8"]
     assert all(r["tok_s"] > 0 and "error" not in r for r in rows)
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
     assert table.startswith("| precision |") and table.count("\n") == 4  # header, rule, two rows
+    progress = [line for line in captured.err.splitlines() if " -> " in line]  # each row as it ends
+    assert len(progress) == 2 and all("tokens/s per sequence, first token" in line for line in progress), progress
 
 
 def test_plot_writes_a_png(tmp_path):
