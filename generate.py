@@ -912,8 +912,8 @@ def compile_prefill_layer():
     called for each layer, whose weights are its graph's inputs, so one graph serves them all. It compiles one layer
     where a compiled prefill would inline every one, and launches inductor's fused kernels where eager launches each
     op from Python, which costs more than the math below a few hundred positions."""
-    # outside CUDA graphs each kernel launch costs host time, which torch's static launcher cuts (set_inductor_options
-    # turns it off for torch <= 2.11, whose warm start re-tunes through it: no tuning here, for large inputs)
+    # outside CUDA graphs each launch costs host time, which torch's static launcher cuts; set_inductor_options turns
+    # it off on torch <= 2.11, whose warm start re-tunes through it, so this graph skips coordinate-descent tuning
     import torch._inductor.config as inductor_config
 
     options = {"coordinate_descent_tuning": False}
