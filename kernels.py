@@ -824,7 +824,8 @@ class Int8GemvLinear(GemvLinear, WeightOnlyInt8Linear):
             return self.matmul(x)
         # dequantized before the matmul: compiled, F.linear(x, w) * scales meets inductor's weight-only-int8 pattern,
         # whose CUDA kernel (_weight_int8pack_mm) computes each output on its own thread, far below cuBLAS
-        return F.linear(x, self.weight.to(x.dtype) * self.scales[:, None])
+        w = self.weight.to(x.dtype)  # a new tensor, scaled in place: eager, no second copy of the weights
+        return F.linear(x, w.mul_(self.scales[:, None]))
 
 
 class Int4GemvLinear(GemvLinear, WeightOnlyInt4Linear):
