@@ -282,7 +282,8 @@ def test_a_compiled_int8_layer_of_many_rows_stays_off_atens_int8_matmul(device):
     torch.manual_seed(0)
     lin = WeightOnlyInt8Linear(256, 512).to(device)
     weight, scales = quantize_int8(torch.randn(512, 256, device=device))
-    lin.weight.copy_(weight), lin.scales.copy_(scales)
+    lin.weight.copy_(weight)
+    lin.scales.copy_(scales)
     lin.__class__, lin.use_triton = k.Int8GemvLinear, True  # as use_triton_kernels makes it
     x = torch.randn(1, 100, 256, dtype=torch.bfloat16, device=device)
     torch._dynamo.reset()
