@@ -196,6 +196,8 @@ def plot(rows: list[dict], path: Path) -> None:
                 if pts:
                     ax.plot(*zip(*pts, strict=True), marker="o", label=label)
             ax.set_xscale("log", base=2)
+            if key == "ttft_ms":  # from a few ms to seconds
+                ax.set_yscale("log")
             ax.set_xlabel("batch size" if over == "batch_size" else "prompt tokens")
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)

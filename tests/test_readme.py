@@ -30,8 +30,10 @@ NOT_RUN = {  # the one-line reason each is not run here
     "python bench.py --random_init 7B --precisions bf16 int8 int4 --batch_sizes 1 8 64 --num_samples 2": (
         "the benchmark of a 7B shape (tests/test_bench.py runs bench.py on the demo model)"
     ),
-    "python bench.py --random_init Llama-3.1-8B --precisions bf16 --prompt_lengths 16 128 512 2048 8192 "
-    "--num_samples 2": "the benchmark of an 8B shape (tests/test_bench.py runs bench.py on the demo model)",
+    "python bench.py --random_init Llama-3.1-8B --precisions bf16 int8 int4 --prompt_lengths 16 128 512 2048 8192 "
+    "--max_new_tokens 100 --num_samples 2 --plot prompt_lengths.png": (
+        "the benchmark of an 8B shape (tests/test_bench.py runs bench.py on the demo model)"
+    ),
 }
 HF_REPO = "checkpoints/meta-llama/Llama-2-7b-chat-hf"
 HAS_GGUF = importlib.util.find_spec("gguf") is not None
